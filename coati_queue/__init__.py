@@ -1,0 +1,25 @@
+"""coati_queue: background jobs for Django on Dramatiq+Redis or Huey+filesystem.
+
+Public API (nothing is built on import)::
+
+    from coati_queue import task, get_queue_driver
+"""
+
+from .core.exceptions import (BackendUnavailable, CoatiQueueError, InvalidJob, Retry,
+                              StorageUnavailable, TaskNotRegistered)
+from .core.middleware import Middleware, get_current_job
+from .core.tasks import Task, task
+
+__all__ = [
+    "BackendUnavailable", "CoatiQueueError", "InvalidJob", "Middleware", "Retry",
+    "StorageUnavailable", "Task", "TaskNotRegistered", "get_current_job", "get_queue_driver",
+    "task",
+]
+__version__ = "0.1.0"
+
+
+def get_queue_driver(force_backend: str | None = None):
+    """The process-wide queue driver; see ``coati_queue.selection``."""
+    from .selection import get_queue_driver as _get
+
+    return _get(force_backend)

@@ -1,0 +1,24 @@
+"""AppConfig: wires signals, checks and task discovery. Builds no client."""
+
+from django.apps import AppConfig
+from django.utils.translation import gettext_lazy as _
+
+
+class CoatiQueueConfig(AppConfig):
+    name = "coati_queue"
+    verbose_name = _("Background jobs")
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from django.core.signals import setting_changed
+        from django.utils.module_loading import autodiscover_modules
+
+        from . import checks  # noqa: F401  (registers system checks)
+        from .selection import reset_on_setting_changed
+
+        setting_changed.connect(reset_on_setting_changed, dispatch_uid="coati_queue_reset")
+        # Import tasks.py of every installed app (and our own payroll tasks) so a
+        # worker knows every task name before the first message arrives.
+        from . import payroll  # noqa: F401
+
+        autodiscover_modules("tasks")

@@ -1,0 +1,1 @@
+"""Drivers: the only modules that import a queue library, loaded lazily."""

@@ -1,0 +1,157 @@
+"""Typed, lazy view of ``settings.COATI_QUEUE`` + environment variables + defaults.
+
+Every value is read once per settings state: ``settings_changed`` (wired in
+``apps.py``) drops the cache so ``override_settings`` works in tests.
+Precedence for each key: the ``COATI_QUEUE`` dict, then its environment
+variable (if it has one), then the default below.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+from django.core.exceptions import ImproperlyConfigured
+
+BACKEND_CHOICES = ("auto", "dramatiq", "huey", "immediate")
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"expected a boolean (1/0, true/false), got {value!r}")
+
+
+def _to_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return [str(part) for part in value]
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value in (None, "") else str(value)
+
+
+def _setting(default: Any, parse: Callable[[Any], Any] = lambda v: v, env: str | None = None,
+             doc: str = "") -> Any:
+    return field(default=default, metadata={"parse": parse, "env": env, "doc": doc})
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """The resolved settings. Field order is the order of the README table."""
+
+    BACKEND: str = _setting("auto", str, "COATI_QUEUE_BACKEND",
+                            "auto, dramatiq, huey or immediate")
+    ENABLED: bool = _setting(True, _to_bool, "QUEUE_ENABLED",
+                             "False: tasks run synchronously in the caller, still tracked")
+    REDIS_URL: str | None = _setting(None, _optional_str, "REDIS_URL",
+                                     "Redis for the Dramatiq backend")
+    REDIS_TIMEOUT: float = _setting(0.5, float, "COATI_QUEUE_REDIS_TIMEOUT",
+                                    "seconds auto waits for Redis PING")
+    PATH: str | None = _setting(None, _optional_str, "COATI_QUEUE_PATH",
+                                "Huey storage directory (first of a fallback chain)")
+    QUEUES: list = _setting(("high", "default", "low"), _to_list, "COATI_QUEUE_QUEUES",
+                            "queue names, highest priority first")
+    DEFAULT_QUEUE: str = _setting("default", str, None, "queue of tasks that name none")
+    ENQUEUE_ON_COMMIT: bool = _setting(True, _to_bool, None,
+                                       "send after the surrounding transaction commits")
+    MAX_RETRIES: int = _setting(3, int, None, "default retries after the first attempt")
+    MIN_BACKOFF: int = _setting(15_000, int, None, "first retry delay, milliseconds")
+    MAX_BACKOFF: int = _setting(3_600_000, int, None, "largest retry delay, milliseconds")
+    TIME_LIMIT: int | None = _setting(None, lambda v: None if v is None else int(v), None,
+                                      "default task time limit, milliseconds (Dramatiq only)")
+    RESULT_TTL: int = _setting(7 * 86_400, int, None, "seconds to keep completed task records")
+    FAILURE_TTL: int = _setting(30 * 86_400, int, None, "seconds to keep failed task records")
+    TRACKING_FLUSH_INTERVAL: float = _setting(0.05, float, None,
+                                              "seconds between bulk writes of task states")
+    WORKER_PROCESSES: int = _setting(0, int, None, "runworkers --processes default (0: CPUs)")
+    WORKER_THREADS: int = _setting(8, int, None, "runworkers --threads default")
+    HEARTBEAT_INTERVAL: float = _setting(5.0, float, None, "seconds between worker heartbeats")
+    WORKER_LOST_AFTER: float = _setting(30.0, float, None,
+                                        "seconds without a heartbeat before a worker is lost")
+    METRICS_TOKEN: str | None = _setting(None, _optional_str, "COATI_QUEUE_METRICS_TOKEN",
+                                         "bearer token for /metrics without a session")
+    MIDDLEWARE: list = _setting((), _to_list, None, "extra middleware classes (dotted paths)")
+    PAYROLL: dict = _setting(None, lambda v: dict(v or {}), None,
+                             "payroll hooks, see the payroll section")
+
+    @classmethod
+    def from_django(cls) -> "QueueSettings":
+        from django.conf import settings
+
+        user = getattr(settings, "COATI_QUEUE", {}) or {}
+        if not isinstance(user, dict):
+            raise ImproperlyConfigured("settings.COATI_QUEUE must be a dict.")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(user) - known)
+        if unknown:
+            raise ImproperlyConfigured(
+                f"Unknown COATI_QUEUE key(s): {', '.join(unknown)}. "
+                f"Known keys: {', '.join(sorted(known))}."
+            )
+        values = {}
+        for f in fields(cls):
+            env = f.metadata["env"]
+            if f.name in user:
+                raw, origin = user[f.name], f"COATI_QUEUE['{f.name}']"
+            elif env and env in os.environ:
+                raw, origin = os.environ[env], f"environment variable {env}"
+            else:
+                values[f.name] = f.metadata["parse"](f.default)
+                continue
+            try:
+                values[f.name] = f.metadata["parse"](raw)
+            except (TypeError, ValueError) as exc:
+                raise ImproperlyConfigured(f"Invalid value for {origin}: {exc}") from exc
+        resolved = cls(**values)
+        resolved.validate()
+        return resolved
+
+    def validate(self) -> None:
+        if self.BACKEND not in BACKEND_CHOICES:
+            raise ImproperlyConfigured(
+                f"COATI_QUEUE['BACKEND'] is {self.BACKEND!r}; choose one of "
+                f"{', '.join(BACKEND_CHOICES)}."
+            )
+        if not self.QUEUES:
+            raise ImproperlyConfigured("COATI_QUEUE['QUEUES'] must name at least one queue.")
+        if self.DEFAULT_QUEUE not in self.QUEUES:
+            raise ImproperlyConfigured(
+                f"COATI_QUEUE['DEFAULT_QUEUE'] {self.DEFAULT_QUEUE!r} is not in QUEUES "
+                f"{self.QUEUES}."
+            )
+        if not 0 < self.MIN_BACKOFF <= self.MAX_BACKOFF:
+            raise ImproperlyConfigured("COATI_QUEUE needs 0 < MIN_BACKOFF <= MAX_BACKOFF.")
+        if self.MAX_RETRIES < 0:
+            raise ImproperlyConfigured("COATI_QUEUE['MAX_RETRIES'] cannot be negative.")
+
+    def queue_priority(self, queue: str) -> int:
+        """Higher number = consumed first; ``QUEUES`` lists the highest first."""
+        return len(self.QUEUES) - self.QUEUES.index(queue)
+
+
+_cached: QueueSettings | None = None
+
+
+def get_settings() -> QueueSettings:
+    global _cached
+    if _cached is None:
+        _cached = QueueSettings.from_django()
+    return _cached
+
+
+def reset_settings(**_: Any) -> None:
+    global _cached
+    _cached = None
+
+
+def documented_settings() -> list[tuple[str, Any, str | None, str]]:
+    """(key, default, env var, description) rows for docs and ``queuestats``."""
+    return [(f.name, f.default, f.metadata["env"], f.metadata["doc"]) for f in fields(QueueSettings)]

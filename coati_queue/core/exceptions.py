@@ -1,0 +1,51 @@
+"""One error tree; each message says what was wrong and how to fix it."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+from django.core.exceptions import ImproperlyConfigured
+
+
+class CoatiQueueError(Exception):
+    """Base class of every error raised by coati_queue."""
+
+
+class TaskNotRegistered(CoatiQueueError, LookupError):
+    def __init__(self, name: str, known: Iterable[str] = ()):
+        known = sorted(known)
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        listing = f" Registered tasks: {', '.join(known)}." if known and not close else ""
+        super().__init__(
+            f"No task named {name!r} is registered.{hint}{listing} "
+            "Tasks are registered by @coati_queue.task or queue.register_task(), "
+            "and tasks.py of installed apps is imported at startup."
+        )
+        self.name = name
+        self.suggestions = close
+
+
+class TaskAlreadyRegistered(CoatiQueueError, ValueError):
+    pass
+
+
+class InvalidJob(CoatiQueueError, ValueError):
+    """A message that cannot be decoded into a job (bad JSON, missing fields)."""
+
+
+class BackendUnavailable(CoatiQueueError, ImproperlyConfigured):
+    """The configured backend cannot be reached or built."""
+
+
+class StorageUnavailable(BackendUnavailable):
+    """No candidate directory for Huey's file storage is usable."""
+
+
+class Retry(CoatiQueueError):
+    """Raise inside a task to ask for another attempt (counts against max_retries)."""
+
+    def __init__(self, message: str = "retry requested", delay: float | None = None):
+        super().__init__(message)
+        self.delay = delay

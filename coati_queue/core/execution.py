@@ -1,0 +1,85 @@
+"""Running a job: decode, look up, call, decide on retry. Written once for every backend.
+
+Drivers hand raw messages to :func:`execute`; it never raises, so a bad
+message can never kill a worker thread. Whether and when to retry is
+decided here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback as traceback_module
+from typing import TYPE_CHECKING, Any
+
+from .exceptions import InvalidJob, Retry, TaskNotRegistered
+from .jobs import Job, NotJSONSerializable, ensure_json
+from .middleware import current_job
+from .tasks import registry
+
+if TYPE_CHECKING:
+    from coati_queue.backends.base import QueueDriver
+
+logger = logging.getLogger("coati_queue.worker")
+
+
+def execute(driver: "QueueDriver", raw: Any) -> None:
+    """Run one message end to end; every outcome goes through the middleware."""
+    try:
+        job = raw if isinstance(raw, Job) else Job.decode(raw)
+    except InvalidJob as exc:
+        logger.error("Dead letter: %s", exc)
+        driver.middleware.after("after_invalid_message", driver, raw, exc)
+        return
+
+    token = current_job.set(job)
+    try:
+        _run(driver, job)
+    finally:
+        current_job.reset(token)
+
+
+def _run(driver: "QueueDriver", job: Job) -> None:
+    try:
+        task = registry.get(job.task)
+    except TaskNotRegistered as exc:
+        logger.error("Job %s failed: %s", job.id, exc)
+        driver.middleware.before("before_execute", driver, job)
+        driver.middleware.after("after_execute", driver, job, exception=exc,
+                                traceback=_format(exc))
+        return
+
+    driver.middleware.before("before_execute", driver, job)
+    try:
+        result = task.func(*job.args, **job.kwargs)
+        ensure_json(result, f"The result of task {job.task!r}")
+    except BaseException as exc:  # noqa: B036 - time limits and shutdown interrupts too
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        retry_in = _retry_delay(task.options.retry_on, job, exc)
+        level = logging.WARNING if retry_in is not None else logging.ERROR
+        logger.log(level, "Job %s (%s) attempt %d failed: %s%s", job.id, job.task, job.attempt,
+                   exc, f"; retrying in {retry_in} ms" if retry_in is not None else "")
+        driver.middleware.after("after_execute", driver, job, exception=exc,
+                                retry_in_ms=retry_in, traceback=_format(exc))
+        if retry_in is not None:
+            driver.requeue(job.next_attempt(), retry_in)
+    else:
+        driver.middleware.after("after_execute", driver, job, result=result)
+
+
+def _retry_delay(retry_on: tuple[type[BaseException], ...], job: Job,
+                 exc: BaseException) -> int | None:
+    """Milliseconds until the next attempt, or None when this failure is final."""
+    if job.retries_left <= 0:
+        return None
+    if isinstance(exc, Retry):
+        return int(exc.delay * 1000) if exc.delay is not None else job.backoff_ms()
+    if isinstance(exc, NotJSONSerializable):
+        return None  # a non-JSON result fails the same way every time
+    if not isinstance(exc, retry_on):
+        return None
+    return job.backoff_ms()
+
+
+def _format(exc: BaseException) -> str:
+    return "".join(traceback_module.format_exception(type(exc), exc, exc.__traceback__))

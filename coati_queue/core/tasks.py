@@ -1,0 +1,125 @@
+"""Task objects, the ``@task`` decorator and the process-wide name registry.
+
+Tasks are registered by name, independently of any backend, so the driver
+can be rebuilt (settings changed, another backend forced) without losing
+them, and a worker of either backend resolves the same names.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from .exceptions import TaskAlreadyRegistered, TaskNotRegistered
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Per-task overrides; ``None`` means "use the COATI_QUEUE default"."""
+
+    queue: str | None = None
+    max_retries: int | None = None
+    min_backoff: int | None = None
+    max_backoff: int | None = None
+    time_limit: int | None = None
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+
+
+class Task:
+    """A registered function. Call it to run inline; ``send`` to run it on a worker."""
+
+    def __init__(self, func: Callable[..., Any], name: str, options: TaskOptions):
+        self.func = func
+        self.name = name
+        self.options = options
+        self.__doc__ = func.__doc__
+        self.__wrapped__ = func
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(*args, **kwargs)
+
+    def send(self, *args: Any, **kwargs: Any) -> str:
+        """Enqueue with the task's defaults; returns the task id at once."""
+        return self.send_with_options(args=args, kwargs=kwargs)
+
+    def send_with_options(self, *, args: Iterable[Any] = (), kwargs: dict | None = None,
+                          delay: float | None = None, queue: str | None = None,
+                          on_commit: bool | None = None, **internal: Any) -> str:
+        """Enqueue with per-call options: ``delay`` in seconds, another ``queue``,
+        ``on_commit=False`` to send now even inside a transaction."""
+        from coati_queue.selection import get_queue_driver
+
+        return get_queue_driver().enqueue_task(self, list(args), dict(kwargs or {}), delay=delay,
+                                               queue=queue, on_commit=on_commit, **internal)
+
+    def send_many(self, calls: Iterable[tuple[Iterable[Any], dict]], *,
+                  queue: str | None = None, delay: float | None = None,
+                  **internal: Any) -> list[str]:
+        """Enqueue many calls as one bulk write; ``calls`` yields ``(args, kwargs)``."""
+        from coati_queue.selection import get_queue_driver
+
+        return get_queue_driver().enqueue_many(self, calls, queue=queue, delay=delay, **internal)
+
+
+class TaskRegistry:
+    def __init__(self) -> None:
+        self._tasks: dict[str, Task] = {}
+        self._lock = threading.Lock()
+
+    def register(self, func: Callable[..., Any], name: str | None = None, *,
+                 replace: bool = True, **options: Any) -> Task:
+        """Register ``func`` under ``name`` (default: ``module.qualname``).
+
+        Registering the same name again replaces it (re-imports, autoreload),
+        unless ``replace=False``.
+        """
+        task_name = name or f"{func.__module__}.{func.__qualname__}"
+        if isinstance(func, Task):
+            func = func.func
+        retry_on = options.pop("retry_on", (Exception,))
+        task = Task(func, task_name, TaskOptions(retry_on=tuple(retry_on), **options))
+        with self._lock:
+            if not replace and task_name in self._tasks:
+                raise TaskAlreadyRegistered(f"A task named {task_name!r} is already registered.")
+            self._tasks[task_name] = task
+        return task
+
+    def get(self, name: str) -> Task:
+        try:
+            return self._tasks[name]
+        except KeyError:
+            raise TaskNotRegistered(name, self._tasks) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._tasks)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tasks
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            self._tasks.pop(name, None)
+
+
+registry = TaskRegistry()
+
+
+def task(func: Callable[..., Any] | None = None, *, name: str | None = None,
+         queue: str | None = None, max_retries: int | None = None,
+         min_backoff: int | None = None, max_backoff: int | None = None,
+         time_limit: int | None = None,
+         retry_on: tuple[type[BaseException], ...] = (Exception,)) -> Any:
+    """Decorator: ``@task`` or ``@task(name=..., queue=..., max_retries=...)``.
+
+    Backoffs and ``time_limit`` are milliseconds, as in Dramatiq.
+    """
+    def decorate(target: Callable[..., Any]) -> Task:
+        return registry.register(target, name, queue=queue, max_retries=max_retries,
+                                 min_backoff=min_backoff, max_backoff=max_backoff,
+                                 time_limit=time_limit, retry_on=retry_on)
+
+    return decorate(func) if func is not None else decorate

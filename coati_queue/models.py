@@ -1,0 +1,344 @@
+"""ORM records: every task, every payroll batch and its items, and worker heartbeats.
+
+Records are the single source of truth for status on every backend, so the
+same answer comes back from any process. Hot-path writes are done in bulk by
+``coati_queue.tracking``; the methods here are the transitions used by the
+API, admin actions and payroll orchestration.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import models, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+
+class TaskStatus(models.TextChoices):
+    PENDING = "pending", _("Pending")
+    PROCESSING = "processing", _("Processing")
+    COMPLETED = "completed", _("Completed")
+    FAILED = "failed", _("Failed")
+    CANCELLED = "cancelled", _("Cancelled")
+
+
+FINISHED_TASK_STATES = (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+
+class TaskResultQuerySet(models.QuerySet):
+    def pending(self):
+        return self.filter(status=TaskStatus.PENDING)
+
+    def processing(self):
+        return self.filter(status=TaskStatus.PROCESSING)
+
+    def completed(self):
+        return self.filter(status=TaskStatus.COMPLETED)
+
+    def failed(self):
+        return self.filter(status=TaskStatus.FAILED)
+
+    def finished(self):
+        return self.filter(status__in=FINISHED_TASK_STATES)
+
+    def expired(self, now=None):
+        return self.filter(expires_at__lte=now or timezone.now())
+
+
+class TaskResult(models.Model):
+    """One task as the queue saw it; one row per task id (retries update it)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    task_name = models.CharField(_("task"), max_length=200, db_index=True)
+    queue = models.CharField(_("queue"), max_length=64, default="default")
+    backend = models.CharField(_("backend"), max_length=16)
+    status = models.CharField(_("status"), max_length=16, choices=TaskStatus.choices,
+                              default=TaskStatus.PENDING)
+    args = models.JSONField(_("arguments"), default=list, blank=True)
+    kwargs = models.JSONField(_("keyword arguments"), default=dict, blank=True)
+    result = models.JSONField(_("result"), null=True, blank=True)
+    error = models.TextField(_("error"), blank=True, default="")
+    traceback = models.TextField(_("traceback"), blank=True, default="")
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+    max_retries = models.PositiveIntegerField(_("max retries"), default=0)
+    enqueued_at = models.DateTimeField(_("enqueued at"), default=timezone.now, db_index=True)
+    eta = models.DateTimeField(_("scheduled for"), null=True, blank=True)
+    started_at = models.DateTimeField(_("started at"), null=True, blank=True)
+    finished_at = models.DateTimeField(_("finished at"), null=True, blank=True, db_index=True)
+    expires_at = models.DateTimeField(_("expires at"), null=True, blank=True, db_index=True)
+    worker_id = models.CharField(_("worker"), max_length=128, blank=True, default="")
+    batch = models.ForeignKey("PayrollBatch", null=True, blank=True, on_delete=models.SET_NULL,
+                              related_name="tasks", verbose_name=_("batch"))
+    retry_of = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL,
+                                 related_name="retries", verbose_name=_("retry of"))
+
+    objects = TaskResultQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("task record")
+        verbose_name_plural = _("task records")
+        ordering = ["-enqueued_at"]
+        indexes = [
+            models.Index(fields=["status", "task_name"], name="coati_task_status_name"),
+            models.Index(fields=["queue", "status"], name="coati_task_queue_status"),
+        ]
+        permissions = [("retry_taskresult", _("Can retry task records"))]
+
+    def __str__(self) -> str:
+        return f"{self.task_name} {self.id} ({self.status})"
+
+    @property
+    def duration(self) -> timedelta | None:
+        if self.started_at and self.finished_at:
+            return self.finished_at - self.started_at
+        return None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in FINISHED_TASK_STATES
+
+    def as_result_dict(self) -> dict[str, Any]:
+        """The public ``get_task_result`` shape."""
+        return {
+            "id": str(self.id),
+            "task_id": str(self.id),
+            "task_name": self.task_name,
+            "status": self.status,
+            "result": self.result,
+            "error": self.error or None,
+            "traceback": self.traceback or None,
+            "attempts": self.attempts,
+            "queue": self.queue,
+            "backend": self.backend,
+            "enqueued_at": self.enqueued_at.isoformat() if self.enqueued_at else None,
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "worker_id": self.worker_id or None,
+            "batch_id": self.batch_id,
+        }
+
+
+class BatchStatus(models.TextChoices):
+    PENDING = "pending", _("Pending")
+    RUNNING = "running", _("Running")
+    COMPLETED = "completed", _("Completed")
+    COMPLETED_WITH_ERRORS = "completed_with_errors", _("Completed with errors")
+    FAILED = "failed", _("Failed")
+    CANCELLED = "cancelled", _("Cancelled")
+
+
+ACTIVE_BATCH_STATES = (BatchStatus.PENDING, BatchStatus.RUNNING)
+
+
+class PayrollBatchQuerySet(models.QuerySet):
+    def active(self):
+        return self.filter(status__in=ACTIVE_BATCH_STATES)
+
+    def running(self):
+        return self.filter(status=BatchStatus.RUNNING)
+
+
+class PayrollBatch(models.Model):
+    """One payroll run of a planilla for a period, fanned out per employee."""
+
+    planilla_id = models.CharField(_("planilla"), max_length=64, db_index=True)
+    periodo_inicio = models.DateField(_("period start"))
+    periodo_fin = models.DateField(_("period end"))
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                                     on_delete=models.SET_NULL, related_name="+",
+                                     verbose_name=_("requested by"))
+    requested_by_name = models.CharField(_("requested by (name)"), max_length=150, blank=True,
+                                         default="")
+    status = models.CharField(_("status"), max_length=24, choices=BatchStatus.choices,
+                              default=BatchStatus.PENDING, db_index=True)
+    total = models.PositiveIntegerField(_("total"), default=0)
+    succeeded = models.PositiveIntegerField(_("succeeded"), default=0)
+    failed = models.PositiveIntegerField(_("failed"), default=0)
+    error = models.TextField(_("error"), blank=True, default="")
+    on_complete = models.CharField(_("on complete"), max_length=200, blank=True, default="")
+    on_success = models.CharField(_("on success"), max_length=200, blank=True, default="")
+    on_failure = models.CharField(_("on failure"), max_length=200, blank=True, default="")
+    callbacks_fired_at = models.DateTimeField(_("callbacks fired at"), null=True, blank=True)
+    created_at = models.DateTimeField(_("created at"), default=timezone.now, db_index=True)
+    started_at = models.DateTimeField(_("started at"), null=True, blank=True)
+    finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
+
+    objects = PayrollBatchQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("payroll batch")
+        verbose_name_plural = _("payroll batches")
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["planilla_id", "periodo_inicio", "periodo_fin"],
+                condition=Q(status__in=["pending", "running"]),
+                name="coati_one_active_batch_per_period",
+            ),
+        ]
+        permissions = [
+            ("retry_payrollbatch", _("Can retry failed payroll items")),
+            ("cancel_payrollbatch", _("Can cancel payroll batches")),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.planilla_id} {self.periodo_inicio}..{self.periodo_fin} ({self.status})"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status not in ACTIVE_BATCH_STATES
+
+    @property
+    def processed(self) -> int:
+        return self.succeeded + self.failed
+
+    def progress(self) -> dict[str, Any]:
+        """Counters only: constant cost whatever the size of the batch."""
+        processed = self.succeeded + self.failed
+        pct = round(100.0 * processed / self.total, 1) if self.total else (
+            100.0 if self.is_finished else 0.0)
+        rate = eta = None
+        if self.started_at and processed:
+            end = self.finished_at or timezone.now()
+            elapsed = max((end - self.started_at).total_seconds(), 1e-3)
+            rate = round(processed / elapsed, 1)
+            remaining = max(self.total - processed, 0)
+            eta = 0.0 if self.is_finished else round(remaining / rate, 1) if rate else None
+        return {
+            "id": self.pk,
+            "status": self.status,
+            "total": self.total,
+            "completed": self.succeeded,
+            "failed": self.failed,
+            "pending": max(self.total - processed, 0),
+            "progress_percentage": pct,
+            "rate_per_second": rate,
+            "eta_seconds": eta,
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "error": self.error or None,
+        }
+
+    # -- transitions -------------------------------------------------------
+    def _transition(self, from_states, to_state, **extra) -> bool:
+        """Conditional UPDATE: only one process wins a transition."""
+        changed = PayrollBatch.objects.filter(pk=self.pk, status__in=from_states).update(
+            status=to_state, **extra)
+        if changed:
+            self.refresh_from_db()
+        return bool(changed)
+
+    def mark_running(self, total: int) -> bool:
+        return self._transition([BatchStatus.PENDING], BatchStatus.RUNNING, total=total,
+                                started_at=timezone.now())
+
+    def mark_failed(self, error: str) -> bool:
+        return self._transition(ACTIVE_BATCH_STATES, BatchStatus.FAILED, error=error,
+                                finished_at=timezone.now())
+
+    def record_outcomes(self, succeeded: int = 0, failed: int = 0,
+                        retried_failures: int = 0) -> None:
+        """Atomic counter update; ``retried_failures`` moves items out of ``failed``."""
+        if not (succeeded or failed or retried_failures):
+            return
+        PayrollBatch.objects.filter(pk=self.pk).update(
+            succeeded=F("succeeded") + succeeded,
+            failed=F("failed") + failed - retried_failures,
+        )
+
+    def finish_if_done(self) -> bool:
+        """Move a running batch whose items are all processed to its end state, once."""
+        now = timezone.now()
+        done = Q(pk=self.pk, status=BatchStatus.RUNNING, total__lte=F("succeeded") + F("failed"))
+        clean = PayrollBatch.objects.filter(done, failed=0).update(
+            status=BatchStatus.COMPLETED, finished_at=now)
+        dirty = 0 if clean else PayrollBatch.objects.filter(done, failed__gt=0).update(
+            status=BatchStatus.COMPLETED_WITH_ERRORS, finished_at=now)
+        if clean or dirty:
+            self.refresh_from_db()
+        return bool(clean or dirty)
+
+    def claim_callbacks(self) -> bool:
+        """True exactly once per batch end: the caller then fires the callbacks."""
+        claimed = PayrollBatch.objects.filter(pk=self.pk, callbacks_fired_at__isnull=True).update(
+            callbacks_fired_at=timezone.now())
+        return bool(claimed)
+
+
+class ItemStatus(models.TextChoices):
+    PENDING = "pending", _("Pending")
+    PROCESSING = "processing", _("Processing")
+    SUCCEEDED = "succeeded", _("Succeeded")
+    FAILED = "failed", _("Failed")
+    CANCELLED = "cancelled", _("Cancelled")
+
+
+class PayrollItem(models.Model):
+    """One employee of a batch: exactly one per (batch, employee)."""
+
+    batch = models.ForeignKey(PayrollBatch, on_delete=models.CASCADE, related_name="items",
+                              verbose_name=_("batch"))
+    employee_id = models.CharField(_("employee"), max_length=64)
+    status = models.CharField(_("status"), max_length=16, choices=ItemStatus.choices,
+                              default=ItemStatus.PENDING)
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+    error = models.TextField(_("error"), blank=True, default="")
+    result = models.JSONField(_("result"), null=True, blank=True)
+    claimed_by = models.UUIDField(_("claimed by task"), null=True, blank=True)
+    task = models.ForeignKey(TaskResult, null=True, blank=True, on_delete=models.SET_NULL,
+                             related_name="+", verbose_name=_("last task"))
+    tasks = models.ManyToManyField(TaskResult, blank=True, related_name="payroll_items",
+                                   verbose_name=_("task records (all attempts)"))
+    started_at = models.DateTimeField(_("started at"), null=True, blank=True)
+    finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("payroll item")
+        verbose_name_plural = _("payroll items")
+        ordering = ["batch", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["batch", "employee_id"],
+                                    name="coati_one_item_per_employee"),
+        ]
+        indexes = [models.Index(fields=["batch", "status"], name="coati_item_batch_status")]
+
+    def __str__(self) -> str:
+        return f"{self.employee_id} in batch {self.batch_id} ({self.status})"
+
+
+class WorkerHeartbeat(models.Model):
+    """A worker process seen alive; ``last_seen`` older than WORKER_LOST_AFTER = lost."""
+
+    worker_id = models.CharField(_("worker"), max_length=128, primary_key=True)
+    hostname = models.CharField(_("host"), max_length=255)
+    pid = models.PositiveIntegerField(_("pid"))
+    backend = models.CharField(_("backend"), max_length=16)
+    queues = models.JSONField(_("queues"), default=list)
+    threads = models.PositiveIntegerField(_("threads"), default=1)
+    started_at = models.DateTimeField(_("started at"), default=timezone.now)
+    last_seen = models.DateTimeField(_("last heartbeat"), default=timezone.now, db_index=True)
+    processed = models.PositiveIntegerField(_("processed"), default=0)
+    failed = models.PositiveIntegerField(_("failed"), default=0)
+    stopped_at = models.DateTimeField(_("stopped at"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("worker")
+        verbose_name_plural = _("workers")
+        ordering = ["-last_seen"]
+
+    def __str__(self) -> str:
+        return self.worker_id
+
+    def is_alive(self, lost_after: float, now=None) -> bool:
+        now = now or timezone.now()
+        return self.stopped_at is None and (now - self.last_seen).total_seconds() <= lost_after
+
+
+def atomic_if_needed(using=None):
+    """A transaction unless one is already open (nested savepoints are not needed)."""
+    return transaction.atomic(using=using, savepoint=False)

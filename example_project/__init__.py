@@ -1,0 +1,1 @@
+"""Runnable example project: a Nicaraguan payroll computed through coati_queue."""

@@ -1,0 +1,1 @@
+"""Nicaraguan payroll: the business side the coati_queue payroll hooks call into."""

@@ -1,0 +1,57 @@
+"""Tasks the contract suite runs on every backend (imported by autodiscovery)."""
+
+import time
+
+from django.db import connection
+
+import coati_queue
+from coati_queue import Retry
+
+from .models import Mark
+
+
+@coati_queue.task(name="tests.add")
+def add(a, b):
+    return a + b
+
+
+@coati_queue.task(name="tests.noop")
+def noop():
+    return None
+
+
+@coati_queue.task(name="tests.mark", queue="default")
+def mark(label, queue_name="default"):
+    """Leaves a row so tests can see what ran, in which order, from any process."""
+    Mark.objects.create(label=label, queue=queue_name, started=time.time())
+    return label
+
+
+@coati_queue.task(name="tests.always_fails", max_retries=2, min_backoff=50, max_backoff=200)
+def always_fails():
+    raise RuntimeError("boom: always fails")
+
+
+@coati_queue.task(name="tests.fails_then_succeeds", max_retries=3, min_backoff=50, max_backoff=100)
+def fails_then_succeeds(label):
+    attempts = Mark.objects.filter(label=label).count()
+    Mark.objects.create(label=label, queue="retry", started=time.time())
+    if attempts < 2:
+        raise Retry(f"attempt {attempts + 1} not yet", delay=0.05)
+    return attempts + 1
+
+
+@coati_queue.task(name="tests.returns_object")
+def returns_object():
+    return object()
+
+
+@coati_queue.task(name="tests.sees_row")
+def sees_row(label):
+    """True when the row committed by the sender is visible to the task."""
+    return Mark.objects.filter(label=label).exists()
+
+
+@coati_queue.task(name="tests.db_vendor")
+def db_vendor():
+    return connection.vendor
