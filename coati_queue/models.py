@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import models, transaction
+from django.db import models
 from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
@@ -163,7 +163,9 @@ class PayrollBatch(models.Model):
     on_complete = models.CharField(_("on complete"), max_length=200, blank=True, default="")
     on_success = models.CharField(_("on success"), max_length=200, blank=True, default="")
     on_failure = models.CharField(_("on failure"), max_length=200, blank=True, default="")
-    callbacks_fired_at = models.DateTimeField(_("callbacks fired at"), null=True, blank=True)
+    complete_fired_at = models.DateTimeField(_("on complete fired at"), null=True, blank=True)
+    success_fired_at = models.DateTimeField(_("on success fired at"), null=True, blank=True)
+    failure_fired_at = models.DateTimeField(_("on failure fired at"), null=True, blank=True)
     created_at = models.DateTimeField(_("created at"), default=timezone.now, db_index=True)
     started_at = models.DateTimeField(_("started at"), null=True, blank=True)
     finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
@@ -241,15 +243,11 @@ class PayrollBatch(models.Model):
         return self._transition(ACTIVE_BATCH_STATES, BatchStatus.FAILED, error=error,
                                 finished_at=timezone.now())
 
-    def record_outcomes(self, succeeded: int = 0, failed: int = 0,
-                        retried_failures: int = 0) -> None:
-        """Atomic counter update; ``retried_failures`` moves items out of ``failed``."""
-        if not (succeeded or failed or retried_failures):
-            return
-        PayrollBatch.objects.filter(pk=self.pk).update(
-            succeeded=F("succeeded") + succeeded,
-            failed=F("failed") + failed - retried_failures,
-        )
+    def record_outcomes(self, succeeded: int = 0, failed: int = 0) -> None:
+        """Atomic counter update (no read-modify-write)."""
+        if succeeded or failed:
+            PayrollBatch.objects.filter(pk=self.pk).update(
+                succeeded=F("succeeded") + succeeded, failed=F("failed") + failed)
 
     def finish_if_done(self) -> bool:
         """Move a running batch whose items are all processed to its end state, once."""
@@ -263,11 +261,24 @@ class PayrollBatch(models.Model):
             self.refresh_from_db()
         return bool(clean or dirty)
 
-    def claim_callbacks(self) -> bool:
-        """True exactly once per batch end: the caller then fires the callbacks."""
-        claimed = PayrollBatch.objects.filter(pk=self.pk, callbacks_fired_at__isnull=True).update(
-            callbacks_fired_at=timezone.now())
+    def claim_callback(self, kind: str) -> bool:
+        """True exactly once per batch and kind (complete, success, failure)."""
+        column = f"{kind}_fired_at"
+        claimed = PayrollBatch.objects.filter(pk=self.pk, **{f"{column}__isnull": True}).update(
+            **{column: timezone.now()})
         return bool(claimed)
+
+    def retry_failed(self) -> int:
+        """Re-enqueue only the failed items (their attempt history is kept)."""
+        from .payroll import retry_failed_items
+
+        return retry_failed_items(self)
+
+    def cancel(self) -> bool:
+        """Pending items never run; running ones finish; status ``cancelled``."""
+        from .payroll import cancel_batch
+
+        return cancel_batch(self)
 
 
 class ItemStatus(models.TextChoices):
@@ -337,8 +348,3 @@ class WorkerHeartbeat(models.Model):
     def is_alive(self, lost_after: float, now=None) -> bool:
         now = now or timezone.now()
         return self.stopped_at is None and (now - self.last_seen).total_seconds() <= lost_after
-
-
-def atomic_if_needed(using=None):
-    """A transaction unless one is already open (nested savepoints are not needed)."""
-    return transaction.atomic(using=using, savepoint=False)

@@ -64,6 +64,7 @@ COATI_QUEUE = {
     "PAYROLL": {
         "ACTIVE_EMPLOYEES": "example_project.payroll.services.active_employee_ids",
         "CALCULATE_EMPLOYEE": "example_project.payroll.services.calculate_and_store",
+        "CALCULATE_MANY": "example_project.payroll.services.calculate_many",
     },
 }
 LOGGING = {

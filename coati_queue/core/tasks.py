@@ -71,7 +71,7 @@ class TaskRegistry:
         self._lock = threading.Lock()
 
     def register(self, func: Callable[..., Any], name: str | None = None, *,
-                 replace: bool = True, **options: Any) -> Task:
+                 replace: bool = True, task_class: type[Task] = Task, **options: Any) -> Task:
         """Register ``func`` under ``name`` (default: ``module.qualname``).
 
         Registering the same name again replaces it (re-imports, autoreload),
@@ -81,7 +81,7 @@ class TaskRegistry:
         if isinstance(func, Task):
             func = func.func
         retry_on = options.pop("retry_on", (Exception,))
-        task = Task(func, task_name, TaskOptions(retry_on=tuple(retry_on), **options))
+        task = task_class(func, task_name, TaskOptions(retry_on=tuple(retry_on), **options))
         with self._lock:
             if not replace and task_name in self._tasks:
                 raise TaskAlreadyRegistered(f"A task named {task_name!r} is already registered.")
