@@ -310,13 +310,19 @@ def retry_failed_items(batch: PayrollBatch) -> int:
             status=ItemStatus.PENDING, claimed_by=None)
         try:
             with transaction.atomic():
-                PayrollBatch.objects.filter(pk=batch.pk).update(
+                # A cancelled batch's cancelled items never run, so it could never finish:
+                # it would stay running for ever and block the period (the UPDATE is the check).
+                resumed = PayrollBatch.objects.filter(pk=batch.pk).exclude(
+                    status=BatchStatus.CANCELLED).update(
                     failed=F("failed") - moved, status=BatchStatus.RUNNING, finished_at=None)
         except IntegrityError:
             other = PayrollBatch.objects.active().exclude(pk=batch.pk).filter(
                 planilla_id=batch.planilla_id, periodo_inicio=batch.periodo_inicio,
                 periodo_fin=batch.periodo_fin).first()
             raise DuplicateBatch(other or batch) from None
+        if not resumed:
+            raise PayrollError(f"Batch #{batch.pk} was cancelled; its failed items cannot be "
+                               "retried. Start a new batch for the period instead.")
         enqueue_chunks(batch, ids)
     batch.refresh_from_db()
     return moved

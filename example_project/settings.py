@@ -97,10 +97,13 @@ STATIC_ROOT = BASE_DIR / "example_project" / "static"
 LOGIN_URL = "admin:login"
 
 # Hooks coati_queue calls to fan a payroll out per employee (see payroll/services.py).
+# CALCULATE_MANY is optional: with it a chunk of employees costs one read and one
+# bulk write instead of a read and a write per employee.
 COATI_QUEUE = {
     "PAYROLL": {
         "ACTIVE_EMPLOYEES": "example_project.payroll.services.active_employee_ids",
         "CALCULATE_EMPLOYEE": "example_project.payroll.services.calculate_and_store",
+        "CALCULATE_MANY": "example_project.payroll.services.calculate_many",
     },
 }
 

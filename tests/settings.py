@@ -46,7 +46,9 @@ TEMPLATES = [{
     ]},
 }]
 STATIC_URL = "/static/"
-DB_PATH = os.environ.get("COATI_TEST_DB", os.path.join(tempfile.gettempdir(), "coati_test.sqlite3"))
+# One database file per test session; exported so worker subprocesses use it too.
+DB_PATH = os.environ.setdefault(
+    "COATI_TEST_DB", os.path.join(tempfile.gettempdir(), f"coati_test_{os.getpid()}.sqlite3"))
 DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",

@@ -1,7 +1,7 @@
 """AppConfig: connects the cache invalidation of the payroll services."""
 
 from django.apps import AppConfig
-from django.db.models.signals import post_delete, post_save
+from django.db.models.signals import post_delete, post_migrate, post_save
 from django.utils.translation import gettext_lazy as _
 
 
@@ -23,3 +23,6 @@ class PayrollConfig(AppConfig):
                               dispatch_uid=f"{uid}_save")
             post_delete.connect(services.clear_caches_on_change, sender=model,
                                 dispatch_uid=f"{uid}_delete")
+        # flush (e.g. between transactional tests) deletes rows without signals but
+        # is followed by post_migrate.
+        post_migrate.connect(services.clear_caches_on_change, dispatch_uid="payroll_clear_caches")

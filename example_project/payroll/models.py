@@ -152,7 +152,8 @@ class IncomeTaxBracket(models.Model):
         verbose_name_plural = _("income tax brackets")
         ordering = ["ruleset", "lower"]
         constraints = [
-            models.UniqueConstraint(fields=["ruleset", "lower"], name="payroll_bracket_unique_lower"),
+            models.UniqueConstraint(fields=["ruleset", "lower"],
+                                    name="payroll_bracket_unique_lower"),
         ]
 
     def __str__(self) -> str:

@@ -53,7 +53,9 @@ class ExpiringCache(Generic[V]):
             self._entries.clear()
 
 
-_rule_sets: ExpiringCache[tuple[tuple[datetime.date, Rules], ...]] = ExpiringCache(RULES_TTL_SECONDS)
+RuleSetsByDate = tuple[tuple[datetime.date, Rules], ...]
+
+_rule_sets: ExpiringCache[RuleSetsByDate] = ExpiringCache(RULES_TTL_SECONDS)
 _head_counts: ExpiringCache[int] = ExpiringCache(HEAD_COUNT_TTL_SECONDS)
 
 
@@ -63,7 +65,7 @@ def clear_caches() -> None:
     _head_counts.clear()
 
 
-def _load_rule_sets() -> tuple[tuple[datetime.date, Rules], ...]:
+def _load_rule_sets() -> RuleSetsByDate:
     """Every rule set as an immutable snapshot, newest first (a handful of rows)."""
     snapshots = []
     for ruleset in PayrollRuleSet.objects.prefetch_related("brackets").order_by("-valid_from"):

@@ -92,6 +92,10 @@ def _compute(employee: Employee, start: datetime.date, end: datetime.date, batch
     """The employee's figures and the unsaved line holding them."""
     if not employee.active:
         raise LookupError(f"Employee inactive: {employee.code}")
+    if employee.monthly_salary is None or employee.monthly_salary < 0:
+        # The model's MinValueValidator is not a DB constraint (bulk writes skip it):
+        # refuse to compute a negative payslip.
+        raise ValueError(f"Invalid salary for {employee.code}: {employee.monthly_salary}")
     planilla = employee.planilla
     rules = rule_cache.rules_for_period(start, end)
     rate = rule_cache.employer_rate(rules, planilla.company_id,
@@ -147,8 +151,9 @@ def calculate_and_store(employee_id: str, planilla_id: str, periodo_inicio: date
     else:
         # The standalone key is a partial unique index, which ON CONFLICT cannot target
         # portably, hence the read-then-write here.
-        defaults = {name: getattr(line, name) for name in LINE_UPDATE_FIELDS
-                    if name != "updated_at"}
+        attnames = (PayrollLine._meta.get_field(name).attname for name in LINE_UPDATE_FIELDS
+                    if name != "updated_at")
+        defaults = {attname: getattr(line, attname) for attname in attnames}
         PayrollLine.objects.update_or_create(
             employee=employee, period_start=start, period_end=end, batch=None,
             defaults=defaults,
@@ -178,7 +183,8 @@ def calculate_many(employee_ids: Iterable[str], planilla_id: str,
         return results, errors
 
     start, end = _to_date(periodo_inicio), _to_date(periodo_fin)
-    employees = {employee.code: employee for employee in _employees(planilla_id).filter(code__in=ids)}
+    employees = {employee.code: employee
+                 for employee in _employees(planilla_id).filter(code__in=ids)}
     lines: list[PayrollLine] = []
     for employee_id in ids:
         employee = employees.get(employee_id)
@@ -187,7 +193,7 @@ def calculate_many(employee_ids: Iterable[str], planilla_id: str,
             continue
         try:
             line, figures = _compute(employee, start, end, batch_id, usuario)
-        except LookupError as exc:
+        except (LookupError, ValueError) as exc:  # this employee's data; the others go on
             errors[employee_id] = str(exc)
             continue
         lines.append(line)
@@ -195,4 +201,3 @@ def calculate_many(employee_ids: Iterable[str], planilla_id: str,
     if lines:
         _upsert_batch_lines(lines)
     return results, errors
-

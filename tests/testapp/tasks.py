@@ -55,3 +55,44 @@ def sees_row(label):
 @coati_queue.task(name="tests.db_vendor")
 def db_vendor():
     return connection.vendor
+
+
+@coati_queue.task(name="tests.sleep", max_retries=0)
+def sleep(seconds):
+    """Stays in flight for a while (graceful-shutdown tests)."""
+    time.sleep(seconds)
+    return seconds
+
+
+# -- payroll batch callbacks (tests/test_payroll.py) ---------------------------------------
+def _payroll_mark(kind, batch_id):
+    Mark.objects.create(label=f"payroll:{kind}:{batch_id}", queue="callbacks",
+                        started=time.time())
+
+
+@coati_queue.task(name="tests.payroll_on_complete")
+def payroll_on_complete(batch_id):
+    _payroll_mark("complete", batch_id)
+
+
+@coati_queue.task(name="tests.payroll_on_success")
+def payroll_on_success(batch_id):
+    _payroll_mark("success", batch_id)
+
+
+@coati_queue.task(name="tests.payroll_on_failure")
+def payroll_on_failure(batch_id):
+    _payroll_mark("failure", batch_id)
+
+
+def payroll_plain_complete(batch_id):
+    """A plain function (not a task): a callback given as a dotted path."""
+    _payroll_mark("complete", batch_id)
+
+
+def payroll_plain_success(batch_id):
+    _payroll_mark("success", batch_id)
+
+
+def payroll_plain_failure(batch_id):
+    _payroll_mark("failure", batch_id)

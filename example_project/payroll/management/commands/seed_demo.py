@@ -20,7 +20,9 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 from django.db.models import Q
 
-from ...models import Company, Employee, PayrollLine, Periodicity, Planilla, code_validator
+from ...defaults import install_default_rules
+from ...models import (Company, Employee, IncomeTaxBracket, PayrollLine, PayrollRuleSet,
+                       Periodicity, Planilla, code_validator)
 from ...services import clear_caches
 
 MIN_SALARY = 9_000.0
@@ -75,6 +77,9 @@ class Command(BaseCommand):
         rng = random.Random(options["seed"])
 
         with transaction.atomic():
+            if not PayrollRuleSet.objects.exists():  # e.g. after a flush
+                ruleset = install_default_rules(PayrollRuleSet, IncomeTaxBracket)
+                self.stdout.write(f"Installed the default payroll rule set {ruleset.code}.")
             company, _ = Company.objects.get_or_create(
                 name=options["company"], defaults={"ruc": f"J{rng.randrange(10**13):013d}"})
             planilla, created = Planilla.objects.update_or_create(
