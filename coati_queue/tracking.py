@@ -20,6 +20,7 @@ import threading
 import uuid
 from typing import TYPE_CHECKING, Any, Iterable
 
+from django.core.exceptions import ValidationError
 from django.db import DatabaseError, connections, router, transaction
 from django.db.models import Count
 from django.utils import timezone
@@ -63,6 +64,9 @@ class StateBuffer:
         self.interval = interval
         self._rows: dict[uuid.UUID, dict[str, Any]] = {}
         self._lock = threading.Lock()
+        # Held while writing: a flush() returns only once rows taken by a concurrent
+        # flush (the flusher thread) are written too, so nothing is lost at exit.
+        self._flush_lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -90,18 +94,19 @@ class StateBuffer:
                 connections.close_all()
 
     def flush(self) -> int:
-        with self._lock:
-            rows, self._rows = list(self._rows.values()), {}
-        if not rows:
-            return 0
-        try:
-            write_states(rows)
-        except DatabaseError:
-            with self._lock:  # keep them for the next flush, newer states win
-                for row in rows:
-                    self._rows.setdefault(row["id"], row)
-            raise
-        return len(rows)
+        with self._flush_lock:
+            with self._lock:
+                rows, self._rows = list(self._rows.values()), {}
+            if not rows:
+                return 0
+            try:
+                write_states(rows)
+            except DatabaseError:
+                with self._lock:  # keep them for the next flush, newer states win
+                    for row in rows:
+                        self._rows.setdefault(row["id"], row)
+                raise
+            return len(rows)
 
 
 def write_states(rows: list[dict[str, Any]]) -> None:
@@ -214,8 +219,8 @@ class TrackingMiddleware(Middleware):
 def task_result(task_id: str) -> dict[str, Any] | None:
     try:
         record = TaskResult.objects.get(pk=task_id)
-    except (TaskResult.DoesNotExist, ValueError, TypeError):
-        return None
+    except (TaskResult.DoesNotExist, ValidationError, ValueError, TypeError):
+        return None  # ValidationError: not a UUID
     return record.as_result_dict()
 
 

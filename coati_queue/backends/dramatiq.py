@@ -29,6 +29,7 @@ logger = logging.getLogger("coati_queue")
 
 NAMESPACE = "coati"
 ACTOR_PREFIX = "coati."
+FIRST_FETCH_WAIT = 2.0  # seconds a starting worker waits for its consumers' first fetch
 
 
 class DramatiqDriver(QueueDriver):
@@ -124,8 +125,8 @@ class DramatiqDriver(QueueDriver):
                 for i, queue in enumerate(self.settings.QUEUES)}
 
     def start_consumer(self, queues: list[str], threads: int, **options: Any) -> "DramatiqConsumer":
-        worker = dramatiq.Worker(self.broker, queues=set(queues), worker_threads=threads,
-                                 worker_timeout=options.get("poll_ms", 100))
+        worker = PriorityWorker(self.broker, queues=set(queues), worker_threads=threads,
+                                worker_timeout=options.get("poll_ms", 100))
         worker.start()
         return DramatiqConsumer(worker)
 
@@ -140,6 +141,34 @@ class DramatiqDriver(QueueDriver):
             self.broker.flush(queue)
             self.broker.flush(dq_name(queue))
         return dropped
+
+
+class PriorityWorker(dramatiq.Worker):
+    """A Dramatiq worker whose threads start only after each consumer's first fetch.
+
+    ``dramatiq.Worker`` starts consumer and worker threads together, so against
+    a backlog the first message run came from whichever queue answered first,
+    not from ``high``. (Priority applies among prefetched messages only.)
+    """
+
+    def start(self) -> None:
+        threads, self.worker_threads = self.worker_threads, 0
+        super().start()  # consumers only
+        self.worker_threads = threads
+        deadline = time.monotonic() + FIRST_FETCH_WAIT
+        while (time.monotonic() < deadline
+               and not all(_fetched_once(c) for c in self.consumers.values())):
+            time.sleep(0.005)
+        for _ in range(threads):
+            self._add_worker()
+
+
+def _fetched_once(thread: Any) -> bool:
+    """The consumer fetched once and handed what it got to the work/delay queues."""
+    consumer = thread.consumer
+    if consumer is None or getattr(consumer, "message_cache", None):
+        return False
+    return bool(getattr(consumer, "misses", 1) or getattr(consumer, "queued_message_ids", 1))
 
 
 class DramatiqConsumer:

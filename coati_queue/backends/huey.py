@@ -158,7 +158,12 @@ class HueyDriver(QueueDriver):
 
     def purge(self, queues: Iterable[str] | None = None) -> int:
         wanted = {self._priority[q] for q in (queues or self.settings.QUEUES)}
-        return self.huey.storage.purge_priorities(wanted)
+        storage = self.huey.storage
+
+        def doomed(data: bytes) -> bool:
+            return (self.huey.serializer.deserialize(data).priority or 0) in wanted
+
+        return storage.purge_priorities(wanted) + storage.purge_scheduled(doomed)
 
 
 class HueyConsumer:

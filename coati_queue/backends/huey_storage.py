@@ -124,3 +124,19 @@ class QueueFileStorage(FileStorage):
                 except FileNotFoundError:
                     continue
         return dropped
+
+    def purge_scheduled(self, doomed) -> int:
+        """Drop scheduled (delayed) items whose data ``doomed(data)`` is true."""
+        dropped = 0
+        with self.lock:
+            for name in self._get_sorted_filenames(self.schedule_path):
+                path = os.path.join(self.schedule_path, name)
+                try:
+                    with open(path, "rb") as handle:
+                        data = handle.read()
+                except FileNotFoundError:
+                    continue
+                if doomed(data):
+                    os.unlink(path)
+                    dropped += 1
+        return dropped

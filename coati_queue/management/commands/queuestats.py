@@ -1,0 +1,124 @@
+"""``manage.py queuestats``: per-queue depths, task counts and workers (like RQ's rqstats)."""
+
+from __future__ import annotations
+
+import json
+from argparse import ArgumentTypeError
+from time import sleep
+
+from django.core.management.base import BaseCommand, CommandError
+
+from coati_queue.stats import QUEUE_COLUMNS
+
+CLEAR_SCREEN = "\033[2J\033[H"
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value <= 0:
+        raise ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+class Command(BaseCommand):
+    help = ("Show each queue's queued, delayed, processing, finished and failed tasks and its "
+            "live workers.")
+
+    def add_arguments(self, parser):
+        output = parser.add_mutually_exclusive_group()
+        output.add_argument("--json", action="store_true", help="print JSON")
+        output.add_argument("--yaml", action="store_true", help="print YAML (needs PyYAML)")
+        parser.add_argument("--interval", type=positive_float, default=None, metavar="N",
+                            help="refresh every N seconds until Ctrl-C")
+        parser.add_argument("--backend", choices=["huey", "dramatiq"], default=None,
+                            help="force a backend instead of COATI_QUEUE['BACKEND']")
+
+    def handle(self, *args, **options):
+        from coati_queue.selection import get_queue_driver
+        from coati_queue.stats import collect_stats
+
+        render = self.render_table
+        if options["json"]:
+            render = self.render_json
+        elif options["yaml"]:
+            render = self.render_yaml(self.import_yaml())
+        try:
+            driver = get_queue_driver(options["backend"])
+        except Exception as exc:
+            raise CommandError(f"Cannot reach the queue backend: {exc}") from exc
+        interval = options["interval"]
+        clear = interval is not None and self.stdout.isatty()
+        try:
+            while True:
+                try:
+                    stats = collect_stats(driver)
+                except Exception as exc:
+                    from coati_queue.redis_url import scrub
+
+                    raise CommandError(
+                        f"Cannot read queue statistics from {driver.describe()}: "
+                        f"{scrub(str(exc), getattr(driver, 'redis_url', None))}") from exc
+                if clear:
+                    self.stdout.write(CLEAR_SCREEN, ending="")
+                self.stdout.write(render(stats))
+                if interval is None:
+                    return
+                self.stdout.flush()
+                sleep(interval)
+        except KeyboardInterrupt:
+            return
+
+    @staticmethod
+    def import_yaml():
+        try:
+            import yaml
+        except ImportError:
+            raise CommandError(
+                "--yaml needs PyYAML: install PyYAML (pip install coati-queue[test] or pyyaml)"
+            ) from None
+        return yaml
+
+    # -- renderers ----------------------------------------------------------
+    @staticmethod
+    def render_json(stats: dict) -> str:
+        return json.dumps(stats, indent=2)
+
+    @staticmethod
+    def render_yaml(yaml):
+        def render(stats: dict) -> str:
+            return "---\n" + yaml.safe_dump(stats, sort_keys=False, default_flow_style=False)
+
+        return render
+
+    def render_table(self, stats: dict) -> str:
+        lines = [f"Backend: {stats['backend']} ({stats['reason']}) - {stats['location']}", ""]
+        headers = ("queue",) + QUEUE_COLUMNS
+        rows = [(name,) + tuple(str(counts[c]) for c in QUEUE_COLUMNS)
+                for name, counts in stats["queues"].items()]
+        totals = ("total",) + tuple(
+            str(sum(counts[c] for counts in stats["queues"].values()))
+            for c in QUEUE_COLUMNS if c != "workers") + (
+            str(sum(1 for w in stats["workers"] if w["alive"])),)
+        widths = [max(len(row[i]) for row in [headers, totals, *rows])
+                  for i in range(len(headers))]
+
+        def line(row):
+            return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                             for i, (cell, w) in enumerate(zip(row, widths)))
+
+        lines.append(line(headers))
+        lines.append("  ".join("-" * w for w in widths))
+        lines += [line(row) for row in rows]
+        lines.append(line(totals))
+        lines.append("")
+        if not stats["workers"]:
+            lines.append("No workers running.")
+        for worker in stats["workers"]:
+            state = "alive" if worker["alive"] else "LOST: no heartbeat"
+            lines.append(f"Worker {worker['worker_id']} pid {worker['pid']} on "
+                         f"{worker['hostname']}: {','.join(worker['queues'])}; last seen "
+                         f"{worker['last_seen']} ({state})")
+        return "\n".join(lines)
