@@ -1,0 +1,34 @@
+"""Read-only change forms for records the queue writes (tasks, batches, items).
+
+Workers update these rows concurrently (counters, states), so saving the
+form would write back stale values over theirs: the form shows every field
+read-only, hides the save buttons and refuses a POST outright.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest, HttpResponse
+from django.utils.translation import gettext
+
+
+class ReadOnlyPostMixin:
+    """The change form shows records; a POST to it would overwrite workers' writes."""
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        extra = list(super().get_readonly_fields(request, obj))  # type: ignore[misc]
+        return extra + [f.name for f in self.model._meta.fields]  # type: ignore[attr-defined]
+
+    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "",
+                    extra_context: dict | None = None) -> HttpResponse:
+        if request.method == "POST":
+            raise PermissionDenied(gettext("These records are written by the queue and "
+                                           "cannot be edited."))
+        context = {"show_save": False, "show_save_and_continue": False,
+                   "show_save_and_add_another": False,
+                   "title": gettext("View %s") % self.opts.verbose_name,  # type: ignore
+                   **(extra_context or {})}
+        return super().change_view(request, object_id, form_url,  # type: ignore[misc]
+                                   extra_context=context)

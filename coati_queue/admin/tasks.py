@@ -1,0 +1,247 @@
+"""Task records and worker heartbeats in the admin, and the queue overview page.
+
+Task records are the queue's own bookkeeping, so the form is read-only for
+everyone. The change permission still matters: it is what the retry actions
+require, hence ``has_change_permission`` stays the real one while every field
+is read-only and a POST to the form is refused.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Iterable
+
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.db import transaction
+from django.db.models import Q, QuerySet, TextField
+from django.db.models.functions import Cast
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.translation import gettext, gettext_lazy as _, ngettext
+
+from ..conf import get_settings
+from ..core.exceptions import TaskNotRegistered
+from ..core.tasks import registry
+from ..models import FINISHED_TASK_STATES, TaskResult, TaskStatus, WorkerHeartbeat
+from . import display
+from .readonly import ReadOnlyPostMixin
+
+#: The bulk "retry all failed" action re-enqueues at most this many records per click.
+RETRY_ALL_LIMIT = 5000
+
+
+def retry_records(records: Iterable[TaskResult]) -> tuple[int, dict[str, str]]:
+    """Re-enqueue each record as a NEW task whose ``retry_of`` is the original.
+
+    One transaction: the new records and their ``retry_of`` links are written
+    together and the messages are sent when it commits, so a worker never
+    sees a retry whose link is missing. Returns (retried, {task name: why skipped}).
+    """
+    from ..selection import get_queue_driver
+
+    driver = get_queue_driver()
+    links: list[TaskResult] = []
+    skipped: dict[str, str] = {}
+    with transaction.atomic():
+        for record in records:
+            try:
+                task = registry.get(record.task_name)
+            except TaskNotRegistered:
+                skipped[record.task_name] = gettext("not registered in this process")
+                continue
+            queue = record.queue if record.queue in driver.settings.QUEUES else None
+            try:
+                new_id = driver.enqueue_task(task, list(record.args or []),
+                                             dict(record.kwargs or {}), queue=queue,
+                                             on_commit=True, task_id=None)
+            except (TypeError, ValueError) as exc:
+                skipped[record.task_name] = str(exc)
+                continue
+            links.append(TaskResult(pk=uuid.UUID(str(new_id)), retry_of_id=record.pk))
+        TaskResult.objects.bulk_update(links, ["retry_of"], batch_size=500)
+    return len(links), skipped
+
+
+class TaskResultAdmin(ReadOnlyPostMixin, admin.ModelAdmin):
+    list_display = ["id", "task_name", "queue", "backend", "status_display", "attempts",
+                    "enqueued_at", "started_at", "finished_at", "duration_display"]
+    list_filter = ["status", "task_name", "queue", "backend", "enqueued_at"]
+    search_fields = ["id", "task_name"]
+    list_per_page = 100
+    show_full_result_count = False
+    actions = ["retry_selected", "retry_all_failed_of_names"]
+    change_list_template = "admin/coati_queue/taskresult/change_list.html"
+    fieldsets = [
+        (None, {"fields": ["id", "task_name", "status_display", "queue", "backend", "worker_id",
+                           "batch", "retry_of", "retries_display"]}),
+        (_("Timing"), {"fields": ["attempts", "max_retries", "enqueued_at", "eta", "started_at",
+                                  "finished_at", "duration_display", "expires_at"]}),
+        (_("Data"), {"fields": ["args_display", "kwargs_display", "result_display"]}),
+        (_("Failure"), {"fields": ["error_display", "traceback_display"]}),
+    ]
+
+    class Media:
+        css = {"all": ["coati_queue/admin.css"]}
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        """All of them: the record is the queue's, never the admin's."""
+        shown = [name for _, options in self.fieldsets for name in options["fields"]]
+        return list(dict.fromkeys(shown + [f.name for f in self.model._meta.fields]))
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    # -- columns and detail ----------------------------------------------
+    @admin.display(description=_("status"), ordering="status")
+    def status_display(self, obj: TaskResult) -> str:
+        return display.status_badge(obj.status, obj.get_status_display())
+
+    @admin.display(description=_("duration"))
+    def duration_display(self, obj: TaskResult) -> str:
+        duration = obj.duration
+        return display.format_seconds(duration.total_seconds()) if duration else display.EMPTY
+
+    @admin.display(description=_("arguments"))
+    def args_display(self, obj: TaskResult) -> str:
+        return display.json_block(obj.args)
+
+    @admin.display(description=_("keyword arguments"))
+    def kwargs_display(self, obj: TaskResult) -> str:
+        return display.json_block(obj.kwargs)
+
+    @admin.display(description=_("result"))
+    def result_display(self, obj: TaskResult) -> str:
+        return display.json_block(obj.result)
+
+    @admin.display(description=_("error"))
+    def error_display(self, obj: TaskResult) -> str:
+        return display.pre_block(obj.error)
+
+    @admin.display(description=_("traceback"))
+    def traceback_display(self, obj: TaskResult) -> str:
+        return display.pre_block(obj.traceback)
+
+    @admin.display(description=_("retried as"))
+    def retries_display(self, obj: TaskResult) -> str:
+        retries = list(obj.retries.order_by("enqueued_at").values_list("pk", "status")[:20])
+        if not retries:
+            return display.EMPTY
+        return format_html("<ul>{}</ul>", format_html_join_lines(retries))
+
+    # -- search: ids, names, and the JSON arguments as text ----------------
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet,
+                           search_term: str) -> tuple[QuerySet, bool]:
+        results, may_have_duplicates = super().get_search_results(request, queryset,
+                                                                  search_term)
+        term = search_term.strip()
+        if term:
+            in_arguments = queryset.annotate(
+                _args_text=Cast("args", TextField()), _kwargs_text=Cast("kwargs", TextField()),
+            ).filter(Q(_args_text__icontains=term) | Q(_kwargs_text__icontains=term))
+            results = results | queryset.filter(pk__in=in_arguments.values("pk"))
+        return results, may_have_duplicates
+
+    # -- actions ------------------------------------------------------------
+    def _report(self, request: HttpRequest, retried: int, skipped: dict[str, str]) -> None:
+        if retried:
+            self.message_user(request, ngettext(
+                "%(count)s task was re-enqueued as a new record.",
+                "%(count)s tasks were re-enqueued as new records.", retried) % {"count": retried},
+                messages.SUCCESS)
+        for name, why in sorted(skipped.items()):
+            self.message_user(request, gettext("Tasks named %(name)s were not retried: "
+                                               "%(why)s.") % {"name": name, "why": why},
+                              messages.WARNING)
+        if not retried and not skipped:
+            self.message_user(request, gettext("Nothing to retry."), messages.WARNING)
+
+    @admin.action(permissions=["change"], description=_("Retry selected tasks"))
+    def retry_selected(self, request: HttpRequest, queryset: QuerySet) -> None:
+        finished = queryset.filter(status__in=FINISHED_TASK_STATES)
+        unfinished = queryset.exclude(status__in=FINISHED_TASK_STATES).count()
+        retried, skipped = retry_records(finished.order_by("enqueued_at"))
+        self._report(request, retried, skipped)
+        if unfinished:
+            self.message_user(request, ngettext(
+                "%(count)s selected task has not finished yet and was left alone.",
+                "%(count)s selected tasks have not finished yet and were left alone.",
+                unfinished) % {"count": unfinished}, messages.WARNING)
+
+    @admin.action(permissions=["change"],
+                  description=_("Retry all failed tasks with the selected tasks' names"))
+    def retry_all_failed_of_names(self, request: HttpRequest, queryset: QuerySet) -> None:
+        names = list(queryset.order_by().values_list("task_name", flat=True).distinct())
+        failed = (TaskResult.objects.failed().filter(task_name__in=names, retries__isnull=True)
+                  .order_by("enqueued_at"))
+        retried, skipped = retry_records(failed[:RETRY_ALL_LIMIT])
+        self._report(request, retried, skipped)
+        if retried == RETRY_ALL_LIMIT:
+            self.message_user(request, gettext("Only the first %(limit)s failed tasks were "
+                                               "retried; run the action again for the rest.")
+                              % {"limit": RETRY_ALL_LIMIT}, messages.WARNING)
+
+    # -- the queue overview -----------------------------------------------
+    def get_urls(self) -> list[URLPattern]:
+        name = f"{self.opts.app_label}_{self.opts.model_name}_overview"
+        return [path("overview/", self.admin_site.admin_view(self.overview_view), name=name),
+                ] + super().get_urls()
+
+    def changelist_view(self, request: HttpRequest,
+                        extra_context: dict | None = None) -> HttpResponse:
+        context = {"overview_url": reverse("admin:coati_queue_taskresult_overview"),
+                   **(extra_context or {})}
+        return super().changelist_view(request, extra_context=context)
+
+    def overview_view(self, request: HttpRequest) -> HttpResponse:
+        """Backend and why, depths, workers, last hour per minute. Needs view permission."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        from ..monitoring import overview_context
+
+        context = {**self.admin_site.each_context(request), **overview_context(),
+                   "opts": self.opts, "title": display.QUEUE_OVERVIEW, "media": self.media}
+        context["active_batches"] = [(batch, display.progress_bar(batch.progress()))
+                                     for batch in context["active_batches"]]
+        return TemplateResponse(request, "admin/coati_queue/taskresult/overview.html", context)
+
+
+def format_html_join_lines(retries: list[tuple[Any, str]]) -> str:
+    """One ``<li>`` link per retry record."""
+    return format_html_join("", '<li><a href="{}">{}</a> ({})</li>', (
+        (reverse("admin:coati_queue_taskresult_change", args=[pk]), pk,
+         TaskStatus(status).label if status in TaskStatus.values else status)
+        for pk, status in retries))
+
+
+class WorkerHeartbeatAdmin(admin.ModelAdmin):
+    """Workers as their heartbeats saw them; "lost" = no beat within WORKER_LOST_AFTER."""
+
+    list_display = ["worker_id", "hostname", "pid", "backend", "queues_display", "threads",
+                    "started_at", "last_seen", "processed", "failed", "state"]
+    list_filter = ["backend", "hostname"]
+    search_fields = ["worker_id", "hostname"]
+
+    class Media:
+        css = {"all": ["coati_queue/admin.css"]}
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description=_("queues"))
+    def queues_display(self, obj: WorkerHeartbeat) -> str:
+        return ", ".join(str(q) for q in obj.queues or [])
+
+    @admin.display(description=_("state"))
+    def state(self, obj: WorkerHeartbeat) -> str:
+        if obj.stopped_at is not None:
+            return display.status_badge("stopped", gettext("stopped"))
+        if obj.is_alive(get_settings().WORKER_LOST_AFTER, timezone.now()):
+            return display.status_badge("alive", gettext("alive"))
+        return display.status_badge("lost", gettext("lost"))

@@ -1,0 +1,180 @@
+"""Data of the queue overview page: backend, depths, workers, last hour per minute.
+
+Every query here is bounded whatever the history size: per-queue counts are
+one GROUP BY, the hourly chart is one GROUP BY minute over an indexed
+``finished_at`` range (at most 60 × 2 rows), workers and batches are capped.
+A broker that cannot be reached turns into a message on the page (password
+scrubbed), never a 500.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.db.models import Count
+from django.db.models.functions import TruncMinute
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+from django.utils.formats import date_format
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
+from django.utils.translation import gettext, ngettext
+
+from .conf import get_settings
+from .core.exceptions import CoatiQueueError
+from .models import PayrollBatch, TaskResult, TaskStatus
+from .redis_url import scrub
+
+logger = logging.getLogger("coati_queue")
+
+CHART_MINUTES = 60
+ACTIVE_BATCHES_LISTED = 20
+
+
+def broker_errors() -> tuple[type[BaseException], ...]:
+    """What an unreachable or misconfigured broker raises (redis only when installed)."""
+    errors: list[type[BaseException]] = [CoatiQueueError, ImproperlyConfigured, OSError]
+    if importlib.util.find_spec("redis") is not None:
+        import redis
+
+        errors.append(redis.RedisError)
+    return tuple(errors)
+
+
+@dataclass
+class Minute:
+    start: datetime.datetime
+    completed: int = 0
+    failed: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.completed + self.failed
+
+
+def last_hour_by_minute(now: datetime.datetime | None = None) -> list[Minute]:
+    """Tasks finished in each of the last 60 minutes (oldest first), one grouped query."""
+    now = now or timezone.now()
+    end = now.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)
+    start = end - datetime.timedelta(minutes=CHART_MINUTES)
+    minutes = [Minute(start + datetime.timedelta(minutes=i)) for i in range(CHART_MINUTES)]
+    rows = (TaskResult.objects.filter(finished_at__gte=start, finished_at__lt=end,
+                                      status__in=[TaskStatus.COMPLETED, TaskStatus.FAILED])
+            .annotate(minute=TruncMinute("finished_at")).order_by()
+            .values_list("minute", "status").annotate(n=Count("pk")))
+    for minute, status, count in rows:
+        index = int((minute - start).total_seconds() // 60)
+        if 0 <= index < CHART_MINUTES:
+            if status == TaskStatus.COMPLETED:
+                minutes[index].completed += count
+            else:
+                minutes[index].failed += count
+    return minutes
+
+
+def throughput_svg(minutes: list[Minute]) -> SafeString:
+    """A stacked bar chart (completed below, failed above) as inline SVG; no JS, no CDN.
+
+    Colours come from CSS classes (coati_queue/admin.css) bound to the admin's
+    own variables, so the chart follows the light and dark themes.
+    """
+    left, top, plot_w, plot_h, step = 40, 10, 600, 120, 10
+    peak = max((m.total for m in minutes), default=0) or 1
+    bars = []
+    for i, minute in enumerate(minutes):
+        x = left + i * step
+        ok_h = round(minute.completed / peak * plot_h, 2)
+        fail_h = round(minute.failed / peak * plot_h, 2)
+        label = gettext("%(time)s: %(completed)s completed, %(failed)s failed") % {
+            "time": date_format(timezone.localtime(minute.start), "H:i"),
+            "completed": minute.completed, "failed": minute.failed}
+        bars.append((label, x, top, step, plot_h, x + 1, top + plot_h - ok_h, step - 2, ok_h,
+                     x + 1, top + plot_h - ok_h - fail_h, step - 2, fail_h))
+    groups = format_html_join(
+        "",
+        '<g><title>{}</title><rect class="coati-bar-hit" x="{}" y="{}" width="{}" height="{}"/>'
+        '<rect class="coati-bar-ok" x="{}" y="{}" width="{}" height="{}"/>'
+        '<rect class="coati-bar-failed" x="{}" y="{}" width="{}" height="{}"/></g>',
+        bars)
+    bottom = top + plot_h
+    return format_html(
+        '<svg class="coati-chart" viewBox="0 0 {} {}" role="img" aria-label="{}" '
+        'preserveAspectRatio="xMinYMin meet">'
+        '<line class="coati-axis" x1="{}" y1="{}" x2="{}" y2="{}"/>'
+        '<text class="coati-axis-label" x="{}" y="{}" text-anchor="end">{}</text>'
+        '<text class="coati-axis-label" x="{}" y="{}" text-anchor="end">0</text>'
+        '<text class="coati-axis-label" x="{}" y="{}">{}</text>'
+        '<text class="coati-axis-label" x="{}" y="{}" text-anchor="middle">{}</text>'
+        '<text class="coati-axis-label" x="{}" y="{}" text-anchor="end">{}</text>'
+        '{}</svg>',
+        left + plot_w + 5, bottom + 22, gettext("Tasks finished per minute, last hour"),
+        left, bottom, left + plot_w, bottom,
+        left - 4, top + 8, peak,
+        left - 4, bottom,
+        left, bottom + 16, gettext("−60 min"),
+        left + plot_w // 2, bottom + 16, gettext("−30 min"),
+        left + plot_w, bottom + 16, gettext("now"),
+        groups,
+    )
+
+
+def _stats_without_broker(settings: Any, driver: Any = None) -> dict[str, Any]:
+    """Counts and workers from the database when the broker cannot be asked."""
+    from .stats import task_counts_by_queue, worker_rows
+
+    counts = task_counts_by_queue()
+    workers = worker_rows(settings.WORKER_LOST_AFTER)
+    queues = {name: {"queued": None, "delayed": None,
+                     "processing": counts.get(name, {}).get(TaskStatus.PROCESSING, 0),
+                     "finished": counts.get(name, {}).get(TaskStatus.COMPLETED, 0),
+                     "failed": counts.get(name, {}).get(TaskStatus.FAILED, 0),
+                     "workers": sum(1 for w in workers if w["alive"] and name in w["queues"])}
+              for name in settings.QUEUES}
+    about = {"backend": driver.name, "reason": driver.reason, "location": driver.describe()} \
+        if driver is not None else {"backend": "", "reason": "", "location": ""}
+    return {**about, "queues": queues, "workers": workers}
+
+
+def overview_context() -> dict[str, Any]:
+    """Everything the overview template shows; no password can reach it."""
+    from .selection import get_queue_driver
+    from .stats import collect_stats
+
+    settings = get_settings()
+    broker_error = ""
+    driver = None
+    try:
+        driver = get_queue_driver()
+        stats = collect_stats(driver)
+    except broker_errors() as exc:
+        logger.warning("Queue overview: the broker could not be asked: %s",
+                       scrub(str(exc), settings.REDIS_URL))
+        broker_error = scrub(f"{type(exc).__name__}: {exc}", settings.REDIS_URL)
+        stats = _stats_without_broker(settings, driver)
+    for worker in stats["workers"]:
+        seen = worker.get("last_seen")
+        worker["last_seen_at"] = parse_datetime(seen) if isinstance(seen, str) else seen
+    minutes = last_hour_by_minute()
+    completed = sum(m.completed for m in minutes)
+    failed = sum(m.failed for m in minutes)
+    alive = sum(1 for w in stats["workers"] if w.get("alive"))
+    return {
+        "stats": stats,
+        "broker_error": broker_error,
+        "lost_after": settings.WORKER_LOST_AFTER,
+        "chart": throughput_svg(minutes),
+        "hour_completed": completed,
+        "hour_failed": failed,
+        "hour_rate": round((completed + failed) / CHART_MINUTES, 1),
+        "workers_alive": alive,
+        "workers_summary": ngettext("%(alive)s worker alive", "%(alive)s workers alive", alive)
+        % {"alive": alive},
+        "active_batches": list(PayrollBatch.objects.active()
+                               .order_by("-created_at")[:ACTIVE_BATCHES_LISTED]),
+    }
+
