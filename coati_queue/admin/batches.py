@@ -14,8 +14,8 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.widgets import AdminDateWidget
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, F, Window
-from django.db.models.functions import RowNumber
+from django.db.models import Count, F, TextField, Value, Window
+from django.db.models.functions import Cast, Replace, RowNumber
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
@@ -29,6 +29,7 @@ from .readonly import ReadOnlyPostMixin
 
 FAILED_ITEMS_PER_ERROR = 25
 FAILED_ERROR_GROUPS = 50
+EMPLOYEE_PLACEHOLDER = "…"
 
 
 def failed_item_groups(batch: PayrollBatch) -> list[dict[str, Any]]:
@@ -38,13 +39,18 @@ def failed_item_groups(batch: PayrollBatch) -> list[dict[str, Any]]:
     ``FAILED_ITEMS_PER_ERROR`` items of each error are fetched (ROW_NUMBER),
     so a batch with 10,000 identical failures costs one small query.
     """
+    # Host errors usually name the employee ("Employee inactive: emp_7"); with the
+    # item's own id masked, one kind of error is one group, not one per employee.
+    kind = Replace(F("error"), Cast("employee_id", TextField()), Value(EMPLOYEE_PLACEHOLDER),
+                   output_field=TextField())
     rows = (PayrollItem.objects.filter(batch=batch, status=ItemStatus.FAILED)
-            .annotate(group_size=Window(Count("pk"), partition_by=[F("error")]),
-                      row=Window(RowNumber(), partition_by=[F("error")],
+            .annotate(kind=kind)
+            .annotate(group_size=Window(Count("pk"), partition_by=[F("kind")]),
+                      row=Window(RowNumber(), partition_by=[F("kind")],
                                  order_by=[F("employee_id").asc(), F("pk").asc()]))
             .filter(row__lte=FAILED_ITEMS_PER_ERROR)
-            .order_by("-group_size", "error", "row")
-            .values_list("error", "group_size", "employee_id", "task_id", "pk"))
+            .order_by("-group_size", "kind", "row")
+            .values_list("kind", "group_size", "employee_id", "task_id", "pk"))
     groups: dict[str, dict[str, Any]] = {}
     for error, size, employee_id, task_id, item_pk in rows:
         group = groups.setdefault(error, {"error": error, "count": size, "items": []})
