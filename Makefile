@@ -4,7 +4,6 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO_EMPLOYEES ?= 1000
 DEMO_PLANILLA  ?= planilla_demo
-export DJANGO_SETTINGS_MODULE ?= example_project.settings
 
 .PHONY: demo test install system-deps bench clean
 
@@ -38,7 +37,7 @@ system-deps:
 test: install system-deps
 	$(PY) manage.py check --fail-level WARNING
 	$(PY) manage.py makemigrations --check --dry-run
-	$(PY) -m pytest
+	$(PY) -m pytest --ds=tests.settings
 
 # Main job: a payroll of $(DEMO_EMPLOYEES) employees on the embedded default
 # (Huey + files + SQLite); with REDIS_URL set, on Dramatiq + Redis.
