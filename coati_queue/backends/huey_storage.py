@@ -22,7 +22,9 @@ import os
 import threading
 import time
 from collections import Counter, deque
+from typing import Any
 
+from huey.constants import EmptyData
 from huey.storage import FileStorage
 
 LISTING_TTL = 0.1
@@ -92,6 +94,13 @@ class QueueFileStorage(FileStorage):
                 data = handle.read()
             os.unlink(claimed)
             return data
+
+    def pop_data(self, key: Any) -> Any:
+        """Huey pops a task's revoke key after every task under the storage-wide
+        lock; coati never revokes, so check without the lock first."""
+        if not os.path.exists(self.path_for_key(key)):
+            return EmptyData
+        return super().pop_data(key)
 
     def queue_size(self) -> int:
         return len(self._ready_names())

@@ -10,7 +10,7 @@ import json
 import random
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .exceptions import InvalidJob
@@ -67,7 +67,8 @@ class Job:
     v: int = ENVELOPE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow on purpose: dataclasses.asdict deep-copies args on every send.
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     def encode(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))

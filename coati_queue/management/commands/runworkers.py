@@ -86,7 +86,7 @@ class Command(BaseCommand):
         command = [sys.executable, "-m", "django", "runworkers", "--processes", "1",
                    "--threads", str(threads), "--queues", ",".join(queues),
                    "--backend", backend, "--worker-type", options["worker_type"],
-                   "--verbosity", str(options["verbosity"])]
+                   "--verbosity", str(options["verbosity"]), "--skip-checks"]
         if options["burst"]:
             command.append("--burst")
         if options["poll_ms"]:
