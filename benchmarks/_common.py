@@ -276,6 +276,25 @@ def write_json(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
+def remove_workdir(workdir: Path, keep: bool) -> None:
+    if keep:
+        log(f"kept {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def publish(benchmark: str, args: Any, began: float, text: str, ratios: Any,
+            results: dict[str, Any], **extra: Any) -> None:
+    """Print the table and write it with the parameters and machine to results/<--json>."""
+    print(text)
+    path = write_json(args.json, {
+        "benchmark": benchmark, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "runtime_s": time.time() - began,
+        "parameters": {k: v for k, v in vars(args).items() if k != "monitor"},
+        "machine": machine(), **extra, "results": results, "ratios": ratios, "table": text})
+    print(f"\nJSON: {path}  (total {time.time() - began:.0f}s)")
+
+
 # -- interference from other processes -------------------------------------------------------
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 

@@ -55,8 +55,9 @@ elif str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
 from benchmarks._common import (BIN, CpuMonitor, RedisServer, checkpoint, fmt, log,  # noqa: E402
-                                machine, ratio, raw_sql, runworkers_command, setup_django,
-                                spawn, stop, table, use_backend, wait_for, write_json)
+                                ratio, raw_sql, runworkers_command, setup_django,
+                                publish, remove_workdir, spawn, stop, table, use_backend,
+                                wait_for)
 
 START, END = "2024-01-01", "2024-01-15"
 WARM = "bench_warm"
@@ -402,22 +403,11 @@ def main() -> int:
                 results[name] = bench_bulk(sizes, args)
     finally:
         redis.stop()
-        if args.keep:
-            log(f"kept {workdir}")
-        else:
-            import shutil
-
-            shutil.rmtree(workdir, ignore_errors=True)
+        remove_workdir(workdir, args.keep)
     text, ratios = report(results, sizes)
-    print(text)
-    path = write_json(args.json, {
-        "benchmark": "payroll", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "runtime_s": time.time() - began,
-        "parameters": {k: v for k, v in vars(args).items() if k != "monitor"},
-        "period": [START, END], "machine": machine(),
-        "results": {name: {str(k): v for k, v in r.items()} for name, r in results.items()},
-        "ratios": ratios, "table": text})
-    print(f"\nJSON: {path}  (total {time.time() - began:.0f}s)")
+    publish("payroll", args, began, text, ratios,
+            {name: {str(k): v for k, v in r.items()} for name, r in results.items()},
+            period=[START, END])
     return 0
 
 

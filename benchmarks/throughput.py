@@ -69,11 +69,10 @@ if sys.path and Path(sys.path[0]).resolve() == HERE:
 elif str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
-from benchmarks._common import (BIN, CpuMonitor, RedisServer, checkpoint, fmt,  # noqa: E402
-                                latency_summary, log, machine, pace, ratio, raw_sql,
-                                runworkers_command,
-                                setup_django, spawn, stop, table, use_backend, wait_for,
-                                write_json)
+from benchmarks._common import (  # noqa: E402
+    BIN, CpuMonitor, RedisServer, checkpoint, fmt, latency_summary, log, pace, publish, ratio,
+    raw_sql, remove_workdir, runworkers_command, setup_django, spawn, stop, table, use_backend,
+    wait_for)
 
 RAW_CHOICES = ("dramatiq", "huey-redis", "huey-file")
 
@@ -486,20 +485,9 @@ def main() -> int:
             results[f"raw-{kind}"] = bench_raw(kind, args, redis, workdir)
     finally:
         redis.stop()
-        if args.keep:
-            log(f"kept {workdir}")
-        else:
-            import shutil
-
-            shutil.rmtree(workdir, ignore_errors=True)
+        remove_workdir(workdir, args.keep)
     text, ratios = report(results, args)
-    print(text)
-    path = write_json(args.json, {
-        "benchmark": "throughput", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "runtime_s": time.time() - began,
-        "parameters": {k: v for k, v in vars(args).items() if k != "monitor"}, "machine": machine(),
-        "results": results, "ratios": ratios, "table": text})
-    print(f"\nJSON: {path}  (total {time.time() - began:.0f}s)")
+    publish("throughput", args, began, text, ratios, results)
     return 0
 
 
