@@ -148,6 +148,7 @@ def start_payroll_batch(planilla_id: str, periodo_inicio: Any, periodo_fin: Any,
                 "periodo_fin": str(batch.periodo_fin), "usuario": batch.requested_by_name,
                 "batch_id": batch.pk},
         batch_id=batch.pk)
+    batch.refresh_from_db()  # the immediate backend has already run the fan-out
     return batch
 
 
