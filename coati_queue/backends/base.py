@@ -33,7 +33,6 @@ class Consumer(Protocol):
 
 class QueueDriver:
     name = "base"
-    supports_delay = True
     runs_in_caller = False
 
     def __init__(self, settings: QueueSettings, *, reason: str = "",
