@@ -299,6 +299,7 @@ class PayrollItem(models.Model):
                               default=ItemStatus.PENDING)
     attempts = models.PositiveIntegerField(_("attempts"), default=0)
     error = models.TextField(_("error"), blank=True, default="")
+    traceback = models.TextField(_("traceback"), blank=True, default="")
     result = models.JSONField(_("result"), null=True, blank=True)
     claimed_by = models.UUIDField(_("claimed by task"), null=True, blank=True)
     task = models.ForeignKey(TaskResult, null=True, blank=True, on_delete=models.SET_NULL,

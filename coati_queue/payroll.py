@@ -10,6 +10,7 @@ The host project supplies the payroll domain through ``COATI_QUEUE["PAYROLL"]``:
   for an unknown or inactive employee;
 * optional ``CALCULATE_MANY``: the same for a list of employees at once,
   returning ``(results_by_id, errors_by_id)``; used for chunks when present;
+  an error is an exception (its traceback is kept on the item) or a message;
 * optional ``CHUNK_SIZE`` (default 100).
 
 Each employee has a ``PayrollItem``; workers receive them in chunks (one
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import traceback
 import uuid
 from typing import Any, Callable, Iterable
 
@@ -249,8 +251,16 @@ def compute(batch: PayrollBatch, employee_ids: list[str]) -> tuple[dict, dict]:
         except DatabaseError:
             raise
         except Exception as exc:  # the host's rule error fails this employee only
-            errors[employee] = str(exc).strip("'\"") or type(exc).__name__
+            errors[employee] = exc
     return results, errors
+
+
+def describe_error(error: BaseException | str) -> tuple[str, str]:
+    """An employee's error as (message, traceback): hooks report exceptions or plain text."""
+    if isinstance(error, BaseException):
+        message = str(error).strip("'\"") or type(error).__name__
+        return message, "".join(traceback.format_exception(error))
+    return str(error), ""
 
 
 def record_item_outcomes(batch: PayrollBatch, items: list[tuple[int, str]], claim: uuid.UUID,
@@ -266,16 +276,17 @@ def record_item_outcomes(batch: PayrollBatch, items: list[tuple[int, str]], clai
             if pk not in still_ours:
                 continue
             ok = employee in results
+            error, trace = ("", "") if ok else describe_error(
+                errors.get(employee, "no result returned for this employee"))
             updates.append(PayrollItem(
                 pk=pk, batch=batch, employee_id=employee, finished_at=now,
                 status=ItemStatus.SUCCEEDED if ok else ItemStatus.FAILED,
-                result=results[employee] if ok else None,
-                error="" if ok else errors.get(employee, "no result returned for this employee")))
+                result=results[employee] if ok else None, error=error, traceback=trace))
         # One INSERT .. ON CONFLICT(id) DO UPDATE: every row exists, so this is a
         # bulk update by primary key without bulk_update's per-row CASE expressions.
         PayrollItem.objects.bulk_create(
             updates, batch_size=500, update_conflicts=True, unique_fields=["id"],
-            update_fields=["status", "error", "result", "finished_at"])
+            update_fields=["status", "error", "traceback", "result", "finished_at"])
         succeeded = sum(1 for u in updates if u.status == ItemStatus.SUCCEEDED)
         failed = len(updates) - succeeded
         batch.record_outcomes(succeeded=succeeded, failed=failed)

@@ -28,6 +28,8 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 PLANILLA = "planilla_browser"
 BROKEN_EMPLOYEES = 3
+CHUNK_SIZE = 10  # ~20 chunks of a paced hook: a few seconds, several polls of the page
+PACED_HOOK = "tests.testapp.payroll_hooks.paced_calculate_many"
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -90,7 +92,8 @@ def text_of(driver: Any, element_id: str) -> str:
 
 
 def start_burst_worker() -> subprocess.Popen:
-    return subprocess.Popen(worker_command("huey", threads=4), cwd=REPO_ROOT, env=worker_env(),
+    return subprocess.Popen(worker_command("huey", threads=2), cwd=REPO_ROOT,
+                            env=worker_env({"COATI_TEST_CALCULATE_MANY": PACED_HOOK}),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -129,13 +132,17 @@ def log_in(driver: Any, base: str, username: str, password: str, next_url: str) 
 
 
 def test_live_batch_page_retry_and_overview(browser: Any, live_server: Any, queue_env: Any,
-                                            huey_path: str, django_user_model: Any) -> None:
+                                            huey_path: str, django_user_model: Any,
+                                            settings: Any) -> None:
     from selenium.webdriver.common.by import By
 
     from coati_queue.payroll import process_payroll_parallel
     from example_project.payroll.models import Employee
 
     queue_env(COATI_QUEUE_BACKEND="huey", COATI_QUEUE_PATH=huey_path)
+    # Chunks are cut where the batch is fanned out: here, and in the live server's retry.
+    settings.COATI_QUEUE = {**settings.COATI_QUEUE,
+                            "PAYROLL": {**settings.COATI_QUEUE["PAYROLL"], "CHUNK_SIZE": CHUNK_SIZE}}
     django_user_model.objects.create_superuser("boss", "boss@example.com", "pw-boss-123")
     call_command("seed_demo", employees=200, seed=1, planilla=PLANILLA, verbosity=0)
     base = live_server.url
@@ -171,21 +178,34 @@ def test_live_batch_page_retry_and_overview(browser: Any, live_server: Any, queu
     assert browser.execute_script("return window.__coatiMarker;") == 1, "the page reloaded"
     assert int(browser.find_element(By.ID, "coati-batch-progress").get_attribute(
         "data-polls")) >= 1
-    assert len(seen) >= 2, f"the progress text never changed: {seen}"
+    between = [text for text in seen if "(0.0%)" not in text and "(100.0%)" not in text]
+    assert between, f"no value between 0% and 100% was shown: {seen}"
     assert text_of(browser, "coati-progress-failed") == str(BROKEN_EMPLOYEES)
     assert browser.find_element(By.CSS_SELECTOR, ".field-total .readonly").text == str(
         batch.total)  # the read-only rows follow the panel too
     assert not browser.find_elements(By.ID, "coati-cancel-link")  # nothing left to cancel
     print("progress texts seen during the run:", seen)
 
-    # The failures, grouped by error, each linking to its task record.
+    # The failures, grouped by error: each employee opens its traceback, each task link
+    # its task record.
     browser.refresh()
     groups = browser.find_element(By.ID, "coati-failed-groups")
     assert all(code in groups.text for code in broken)
     assert "Employee inactive" in groups.text
     browser.execute_script("arguments[0].scrollIntoView();", groups)
     screenshot(browser, "failed_groups")
-    browser.find_elements(By.CSS_SELECTOR, "a.coati-item-task")[0].click()
+    assert len(groups.find_elements(By.CSS_SELECTOR, "a.coati-item-task")) == BROKEN_EMPLOYEES
+    first = browser.find_elements(By.CSS_SELECTOR, "a.coati-item")[0]
+    assert first.text == broken[0]
+    first.click()
+    wait_until(lambda: "/admin/coati_queue/payrollitem/" in browser.current_url, 30,
+               "the failed item's page")
+    trace = browser.find_element(By.CSS_SELECTOR, ".field-traceback_block pre").text
+    assert trace.startswith("Traceback (most recent call last):"), trace
+    assert f"LookupError: Employee inactive: {broken[0]}" in trace
+    assert "example_project/payroll/services.py" in trace  # where the rule raised it
+    screenshot(browser, "failed_item_traceback")
+    browser.find_element(By.CSS_SELECTOR, ".field-task_link a").click()
     wait_until(lambda: "/admin/coati_queue/taskresult/" in browser.current_url, 30,
                "the item's task record")
     assert "coati.payroll.calculate_chunk" in browser.page_source

@@ -226,7 +226,13 @@ def test_thousand_employee_batch_on_real_workers(request, backend_name):
 
 # -- failed employees, fixed data, retry_failed ---------------------------------------------
 @pytest.mark.django_db(transaction=True)
-def test_invalid_employees_fail_then_retry_failed_completes(immediate):
+@pytest.mark.parametrize("bulk_hook", [True, False],
+                         ids=["calculate_many", "calculate_employee"])
+def test_invalid_employees_fail_then_retry_failed_completes(immediate, settings, bulk_hook):
+    if not bulk_hook:  # the per-employee hook path, without CALCULATE_MANY
+        payroll = dict(settings.COATI_QUEUE["PAYROLL"])
+        del payroll["CALCULATE_MANY"]
+        settings.COATI_QUEUE = {**settings.COATI_QUEUE, "PAYROLL": payroll}
     planilla = make_planilla("pl_retry", 20)
     invalid = ["pl_retry_e003", "pl_retry_e010", "pl_retry_e017"]
     # Bulk writes skip model validators: a negative salary reaches the calculation.
@@ -242,6 +248,10 @@ def test_invalid_employees_fail_then_retry_failed_completes(immediate):
     assert set(failed) == set(invalid)
     for employee, item in failed.items():
         assert item.error.startswith(f"Invalid salary for {employee}"), item.error
+        # Where the host's rule raised it, for the operator opening the failed item.
+        assert item.traceback.startswith("Traceback (most recent call last):"), item.traceback
+        assert "example_project/payroll/services.py" in item.traceback
+        assert item.traceback.rstrip().endswith(f"ValueError: {item.error}"), item.traceback
         assert item.attempts == 1 and item.tasks.count() == 1
     assert PayrollLine.objects.filter(batch=batch).count() == 17
     assert marks(batch) == {"complete": 1, "success": 0, "failure": 1}
@@ -253,7 +263,7 @@ def test_invalid_employees_fail_then_retry_failed_completes(immediate):
     assert (batch.total, batch.succeeded, batch.failed) == (20, 20, 0)
     assert_one_line_per_employee(batch, employee_ids)
     for item in batch.items.all():
-        assert item.status == ItemStatus.SUCCEEDED and item.error == ""
+        assert item.status == ItemStatus.SUCCEEDED and item.error == item.traceback == ""
         attempts = 2 if item.employee_id in invalid else 1
         assert item.attempts == attempts, item
         assert item.tasks.count() == attempts, item

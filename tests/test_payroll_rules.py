@@ -310,8 +310,9 @@ def test_calculate_many_reads_once_and_reports_errors(company, django_assert_max
                                               batch_id=batch.pk)
     assert results["emp_1"]["salario_neto"] == "8481.67"
     assert results["emp_2"]["salario_neto"] == "6949.00"
-    assert errors == {"emp_off": "Employee inactive: emp_off",
-                      "emp_ghost": "Employee not found: emp_ghost"}
+    assert {employee: str(exc) for employee, exc in errors.items()} == {
+        "emp_off": "Employee inactive: emp_off", "emp_ghost": "Employee not found: emp_ghost"}
+    assert errors["emp_off"].__traceback__ is not None  # the item keeps where it was raised
     with django_assert_max_num_queries(2):  # caches warm: one SELECT, one upsert
         services.calculate_many(ids, "planilla_test", JAN_1, JAN_15, batch_id=batch.pk)
     assert PayrollLine.objects.filter(batch=batch).count() == 2

@@ -21,6 +21,7 @@ from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, URLPattern, path, reverse
 from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 from django.utils.translation import gettext, gettext_lazy as _
 
 from ..models import ACTIVE_BATCH_STATES, ItemStatus, PayrollBatch, PayrollItem
@@ -56,6 +57,7 @@ def failed_item_groups(batch: PayrollBatch) -> list[dict[str, Any]]:
         group = groups.setdefault(error, {"error": error, "count": size, "items": []})
         group["items"].append({
             "employee_id": employee_id, "pk": item_pk,
+            "item_url": reverse("admin:coati_queue_payrollitem_change", args=[item_pk]),
             "task_url": reverse("admin:coati_queue_taskresult_change", args=[task_id])
             if task_id else "",
         })
@@ -99,8 +101,8 @@ class PayrollItemAdmin(ReadOnlyPostMixin, admin.ModelAdmin):
     list_select_related = ["batch"]
     list_per_page = 100
     show_full_result_count = False
-    fields = ["batch_link", "employee_id", "status", "attempts", "error_block", "result_block",
-              "task_link", "all_tasks", "started_at", "finished_at"]
+    fields = ["batch_link", "employee_id", "status", "attempts", "error_block", "traceback_block",
+              "result_block", "task_link", "all_tasks", "started_at", "finished_at"]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
         return list(self.fields)
@@ -127,6 +129,10 @@ class PayrollItemAdmin(ReadOnlyPostMixin, admin.ModelAdmin):
     def error_block(self, obj: PayrollItem) -> str:
         return display.pre_block(obj.error)
 
+    @admin.display(description=_("traceback"))
+    def traceback_block(self, obj: PayrollItem) -> str:
+        return display.pre_block(obj.traceback)
+
     @admin.display(description=_("result"))
     def result_block(self, obj: PayrollItem) -> str:
         return display.json_block(obj.result)
@@ -143,9 +149,9 @@ class PayrollItemAdmin(ReadOnlyPostMixin, admin.ModelAdmin):
         ids = list(obj.tasks.values_list("pk", flat=True)[:50])
         if not ids:
             return display.EMPTY
-        return format_html("<ul>{}</ul>", format_html_join(
-            "", '<li><a href="{}">{}</a></li>',
-            ((reverse("admin:coati_queue_taskresult_change", args=[pk]), pk) for pk in ids)))
+        return format_html_join(
+            mark_safe("<br>"), '<a href="{}">{}</a>',
+            ((reverse("admin:coati_queue_taskresult_change", args=[pk]), pk) for pk in ids))
 
 
 class PayrollBatchAdmin(ReadOnlyPostMixin, admin.ModelAdmin):

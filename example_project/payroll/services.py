@@ -164,22 +164,23 @@ def calculate_and_store(employee_id: str, planilla_id: str, periodo_inicio: date
 def calculate_many(employee_ids: Iterable[str], planilla_id: str,
                    periodo_inicio: datetime.date, periodo_fin: datetime.date,
                    batch_id: int | None = None,
-                   usuario: str = "") -> tuple[dict[str, dict], dict[str, str]]:
+                   usuario: str = "") -> tuple[dict[str, dict], dict[str, Exception]]:
     """A chunk of employees: one read, one bulk upsert (per-line without a batch).
 
-    Returns (results by employee id, error messages by employee id); an employee
-    that cannot be paid is reported in the errors and does not stop the others.
+    Returns (results by employee id, exceptions by employee id); an employee that
+    cannot be paid is reported in the errors, with the traceback that explains
+    why, and does not stop the others.
     """
     ids = list(dict.fromkeys(str(employee_id) for employee_id in employee_ids))
     results: dict[str, dict] = {}
-    errors: dict[str, str] = {}
+    errors: dict[str, Exception] = {}
     if batch_id is None:
         for employee_id in ids:
             try:
                 results[employee_id] = calculate_and_store(
                     employee_id, planilla_id, periodo_inicio, periodo_fin, None, usuario)
             except LookupError as exc:
-                errors[employee_id] = str(exc)
+                errors[employee_id] = exc
         return results, errors
 
     start, end = _to_date(periodo_inicio), _to_date(periodo_fin)
@@ -189,12 +190,12 @@ def calculate_many(employee_ids: Iterable[str], planilla_id: str,
     for employee_id in ids:
         employee = employees.get(employee_id)
         if employee is None:
-            errors[employee_id] = f"Employee not found: {employee_id}"
+            errors[employee_id] = LookupError(f"Employee not found: {employee_id}")
             continue
         try:
             line, figures = _compute(employee, start, end, batch_id, usuario)
         except (LookupError, ValueError) as exc:  # this employee's data; the others go on
-            errors[employee_id] = str(exc)
+            errors[employee_id] = exc
             continue
         lines.append(line)
         results[employee_id] = _result(employee_id, figures)
