@@ -3,8 +3,9 @@
 A fresh ``CollectorRegistry`` per scrape with one custom collector: nothing is
 kept in process memory, so every web process answers the same numbers (the
 task records are the source of truth) and nothing leaks between tests.
-Every query is a GROUP BY with a bounded result: per task name, per queue,
-or over the last hour through the indexed ``finished_at``.
+Every query is a GROUP BY with a bounded result: per task name or per
+queue. Counters add the tallies of deleted records (``tallies.py``), so a
+TTL cleanup never makes one go down.
 """
 
 from __future__ import annotations
@@ -13,19 +14,17 @@ import datetime
 import logging
 from typing import Iterator
 
-from django.db.models import Count, DurationField, ExpressionWrapper, F, Q, Sum
 from django.utils import timezone
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 
 from .conf import get_settings
-from .models import PayrollBatch, TaskResult, TaskStatus, WorkerHeartbeat
+from .models import PayrollBatch, WorkerHeartbeat
+from .tallies import BUCKET_KEYS, DURATION_BUCKETS, current_totals
 
 logger = logging.getLogger("coati_queue")
 
-DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-DURATION_WINDOW = datetime.timedelta(hours=1)
 BATCHES_EXPORTED = 100
 
 
@@ -37,54 +36,29 @@ class QueueCollector:
 
     def collect(self) -> Iterator[Metric]:
         yield from self.task_counts()
-        yield self.task_durations()
         yield from self.queue_depths()
         yield self.workers_alive()
         yield from self.batches()
 
     def task_counts(self) -> Iterator[Metric]:
-        tasks = CounterMetricFamily("coati_tasks", "Task records by task and outcome "
-                                    "(enqueued counts every record).", labels=["task", "status"])
-        per_task: dict[str, dict[str, int]] = {}
-        rows = TaskResult.objects.order_by().values_list("task_name", "status").annotate(
-            n=Count("pk"))
-        for name, status, count in rows:
-            per_task.setdefault(name, {})[status] = count
-        for name in sorted(per_task):
-            counts = per_task[name]
-            tasks.add_metric([name, "enqueued"], sum(counts.values()))
-            tasks.add_metric([name, "succeeded"], counts.get(TaskStatus.COMPLETED, 0))
-            tasks.add_metric([name, "failed"], counts.get(TaskStatus.FAILED, 0))
-        yield tasks
-
-        retries = CounterMetricFamily("coati_task_retries", "Extra attempts (attempts - 1) "
-                                      "of task records.", labels=["task"])
-        rows = (TaskResult.objects.filter(attempts__gt=1).order_by().values_list("task_name")
-                .annotate(extra=Sum(F("attempts") - 1)))
-        for name, extra in sorted(rows):
-            retries.add_metric([name], extra or 0)
-        yield retries
-
-    def task_durations(self) -> Metric:
-        """Histogram of run time of tasks finished in the last hour, one grouped query."""
-        family = HistogramMetricFamily("coati_task_duration_seconds", "Run time of tasks "
-                                       "finished in the last hour.", labels=["task"])
-        duration = ExpressionWrapper(F("finished_at") - F("started_at"),
-                                     output_field=DurationField())
-        buckets = {f"le_{i}": Count("pk", filter=Q(duration__lte=datetime.timedelta(seconds=b)))
-                   for i, b in enumerate(DURATION_BUCKETS)}
-        rows = (TaskResult.objects
-                .filter(finished_at__gte=self.now - DURATION_WINDOW, started_at__isnull=False,
-                        finished_at__isnull=False)
-                .annotate(duration=duration).order_by().values("task_name")
-                .annotate(n=Count("pk"), total=Sum("duration"), **buckets))
-        for row in sorted(rows, key=lambda r: r["task_name"]):
-            points = [(str(b), row[f"le_{i}"]) for i, b in enumerate(DURATION_BUCKETS)]
-            points.append(("+Inf", row["n"]))
-            total = row["total"]
-            seconds = total.total_seconds() if isinstance(total, datetime.timedelta) else 0.0
-            family.add_metric([row["task_name"]], points, sum_value=max(seconds, 0.0))
-        return family
+        """Counters and the duration histogram: live records plus tallies of deleted ones."""
+        totals = current_totals()
+        tasks = CounterMetricFamily("coati_tasks", "Tasks by outcome (enqueued counts every "
+                                    "task record ever written).", labels=["task", "status"])
+        retries = CounterMetricFamily("coati_task_retries", "Extra attempts of tasks "
+                                      "(attempts - 1).", labels=["task"])
+        durations = HistogramMetricFamily("coati_task_duration_seconds", "Run time of "
+                                          "finished tasks.", labels=["task"])
+        for name in sorted(totals):
+            counts = totals[name]
+            for status in ("enqueued", "succeeded", "failed"):
+                tasks.add_metric([name, status], counts.get(status, 0.0))
+            retries.add_metric([name], counts.get("retries", 0.0))
+            buckets = [(str(bound), counts.get(key, 0.0))
+                       for bound, key in zip(DURATION_BUCKETS, BUCKET_KEYS)]
+            buckets.append(("+Inf", counts.get("duration_count", 0.0)))
+            durations.add_metric([name], buckets, sum_value=counts.get("duration_sum", 0.0))
+        yield from (tasks, retries, durations)
 
     def queue_depths(self) -> Iterator[Metric]:
         from .monitoring import broker_errors

@@ -70,6 +70,8 @@ class TaskResult(models.Model):
     eta = models.DateTimeField(_("scheduled for"), null=True, blank=True)
     started_at = models.DateTimeField(_("started at"), null=True, blank=True)
     finished_at = models.DateTimeField(_("finished at"), null=True, blank=True, db_index=True)
+    # Stored, not derived: the metrics histogram compares it in SQL over every record.
+    duration_seconds = models.FloatField(_("run time (s)"), null=True, blank=True)
     expires_at = models.DateTimeField(_("expires at"), null=True, blank=True, db_index=True)
     worker_id = models.CharField(_("worker"), max_length=128, blank=True, default="")
     batch = models.ForeignKey("PayrollBatch", null=True, blank=True, on_delete=models.SET_NULL,
@@ -121,6 +123,27 @@ class TaskResult(models.Model):
             "worker_id": self.worker_id or None,
             "batch_id": self.batch_id,
         }
+
+
+class TaskTally(models.Model):
+    """What deleted task records had counted, so metrics counters never go down.
+
+    Written only by ``tallies.delete_task_records``; one row per (task, key),
+    where key is a counter ("succeeded", "duration_sum", "le_0.5", ...).
+    """
+
+    task_name = models.CharField(_("task"), max_length=200)
+    key = models.CharField(_("counter"), max_length=32)
+    value = models.FloatField(_("value"), default=0.0)
+
+    class Meta:
+        verbose_name = _("task tally")
+        verbose_name_plural = _("task tallies")
+        constraints = [models.UniqueConstraint(fields=["task_name", "key"],
+                                               name="coati_one_tally_per_task_key")]
+
+    def __str__(self) -> str:
+        return f"{self.task_name} {self.key}={self.value:g}"
 
 
 class BatchStatus(models.TextChoices):

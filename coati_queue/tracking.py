@@ -36,9 +36,10 @@ logger = logging.getLogger("coati_queue.tracking")
 
 UPSERT_FIELDS = ("id", "task_name", "queue", "backend", "status", "args", "kwargs", "result",
                  "error", "traceback", "attempts", "max_retries", "enqueued_at", "eta",
-                 "started_at", "finished_at", "expires_at", "worker_id", "batch")
+                 "started_at", "finished_at", "duration_seconds", "expires_at", "worker_id",
+                 "batch")
 UPDATED_ON_CONFLICT = ("status", "result", "error", "traceback", "attempts", "finished_at",
-                       "expires_at", "worker_id")
+                       "duration_seconds", "expires_at", "worker_id")
 
 
 def _when(epoch: float | None) -> datetime.datetime | None:
@@ -51,7 +52,8 @@ def record_from_job(job: Job, backend: str, **state: Any) -> dict[str, Any]:
         "status": TaskStatus.PENDING, "args": job.args, "kwargs": job.kwargs, "result": None,
         "error": "", "traceback": "", "attempts": 0, "max_retries": job.max_retries,
         "enqueued_at": _when(job.enqueued_at), "eta": _when(job.eta), "started_at": None,
-        "finished_at": None, "expires_at": None, "worker_id": "", "batch": job.batch_id,
+        "finished_at": None, "duration_seconds": None, "expires_at": None, "worker_id": "",
+        "batch": job.batch_id,
     }
     row.update(state)
     return row
@@ -69,10 +71,6 @@ class StateBuffer:
         self._flush_lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-
-    def get(self, task_id: uuid.UUID) -> dict[str, Any]:
-        with self._lock:
-            return self._rows.get(task_id, {})
 
     def put(self, row: dict[str, Any]) -> None:
         with self._lock:
@@ -158,6 +156,7 @@ class TrackingMiddleware(Middleware):
         self.settings = settings
         self.buffer = StateBuffer(settings.TRACKING_FLUSH_INTERVAL)
         self.worker_id = ""
+        self._started: dict[str, datetime.datetime] = {}
 
     def before_enqueue(self, driver: Any, jobs: list[Job]) -> None:
         # The same multi-row statement as the worker's flush: the ORM's bulk_create
@@ -165,28 +164,31 @@ class TrackingMiddleware(Middleware):
         write_states([record_from_job(job, driver.name) for job in jobs])
 
     def before_execute(self, driver: Any, job: Job) -> None:
+        started = timezone.now()
+        self._started[job.id] = started  # one worker thread per job id at a time
         self.buffer.put(record_from_job(job, driver.name, status=TaskStatus.PROCESSING,
-                                        attempts=job.attempt, started_at=timezone.now(),
+                                        attempts=job.attempt, started_at=started,
                                         worker_id=self.worker_id))
 
     def after_execute(self, driver: Any, job: Job, *, result: Any = None,
                       exception: BaseException | None = None, retry_in_ms: int | None = None,
                       traceback: str = "") -> None:
         now = timezone.now()
+        started = self._started.pop(job.id, None)
+        ran = (now - started).total_seconds() if started else None
         if exception is None:
             state = {"status": TaskStatus.COMPLETED, "result": result, "finished_at": now,
+                     "duration_seconds": ran,
                      "expires_at": now + datetime.timedelta(seconds=self.settings.RESULT_TTL)}
         elif retry_in_ms is not None:
             state = {"status": TaskStatus.PENDING, "error": str(exception) or repr(exception),
                      "traceback": traceback}
         else:
             state = {"status": TaskStatus.FAILED, "error": str(exception) or repr(exception),
-                     "traceback": traceback, "finished_at": now,
+                     "traceback": traceback, "finished_at": now, "duration_seconds": ran,
                      "expires_at": now + datetime.timedelta(seconds=self.settings.FAILURE_TTL)}
-        previous = self.buffer.get(uuid.UUID(job.id))
         self.buffer.put(record_from_job(job, driver.name, attempts=job.attempt,
-                                        started_at=previous.get("started_at"),
-                                        worker_id=self.worker_id, **state))
+                                        started_at=started, worker_id=self.worker_id, **state))
         if retry_in_ms is not None:
             self.buffer.flush()  # the next attempt may start on another worker
 
@@ -253,5 +255,7 @@ def status_counts(queue: str | None = None) -> dict[str, int]:
 
 def delete_expired(now: datetime.datetime | None = None) -> int:
     """Drop finished records past their TTL (``manage.py queuestats --cleanup``, workers)."""
-    deleted, _ = TaskResult.objects.expired(now).filter(status__in=FINISHED_TASK_STATES).delete()
-    return deleted
+    from .tallies import delete_task_records
+
+    return delete_task_records(
+        TaskResult.objects.expired(now).filter(status__in=FINISHED_TASK_STATES))

@@ -322,7 +322,7 @@ def test_overview_never_shows_the_redis_password(admin_client: Client, tmp_path:
 # -- metrics -----------------------------------------------------------------
 def test_metrics_needs_staff_or_the_bearer_token(tmp_path: Any, django_user_model: Any) -> None:
     make_task(status=TaskStatus.FAILED, attempts=3, started_at=timezone.now(),
-              finished_at=timezone.now())
+              finished_at=timezone.now(), duration_seconds=0.0)
     make_batch()
     url = reverse("coati_queue:metrics")
     with override_settings(COATI_QUEUE=queue_settings(tmp_path, METRICS_TOKEN=TOKEN)):

@@ -139,6 +139,16 @@ def test_retries_then_fails_with_error_and_traceback(backend):
     assert depth(backend.driver) == 0
 
 
+def test_run_time_is_recorded_for_the_metrics_histogram(backend):
+    task_id = backend.driver.enqueue("tests.sleep", 0.2)
+    backend.drain()
+    record = TaskResult.objects.get(pk=task_id)
+    assert record.status == "completed"
+    assert record.duration_seconds >= 0.2  # the task slept that long
+    assert record.duration_seconds == pytest.approx(
+        (record.finished_at - record.started_at).total_seconds(), abs=0.01)
+
+
 def test_retry_until_success(backend):
     task_id = backend.driver.enqueue("tests.fails_then_succeeds", "flaky")
     backend.drain()

@@ -27,6 +27,7 @@ from ..conf import get_settings
 from ..core.exceptions import TaskNotRegistered
 from ..core.tasks import registry
 from ..models import FINISHED_TASK_STATES, TaskResult, TaskStatus, WorkerHeartbeat
+from ..tallies import delete_task_records
 from . import display
 from .readonly import ReadOnlyPostMixin
 
@@ -144,6 +145,13 @@ class TaskResultAdmin(ReadOnlyPostMixin, admin.ModelAdmin):
             ).filter(Q(_args_text__icontains=term) | Q(_kwargs_text__icontains=term))
             results = results | queryset.filter(pk__in=in_arguments.values("pk"))
         return results, may_have_duplicates
+
+    # -- deleting keeps the metrics counters monotonic ------------------------
+    def delete_model(self, request: HttpRequest, obj: TaskResult) -> None:
+        delete_task_records(TaskResult.objects.filter(pk=obj.pk))
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
+        delete_task_records(queryset)
 
     # -- actions ------------------------------------------------------------
     def _report(self, request: HttpRequest, retried: int, skipped: dict[str, str]) -> None:
