@@ -212,7 +212,8 @@ class PayrollBatch(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.planilla_id} {self.periodo_inicio}..{self.periodo_fin} ({self.status})"
+        # No status here: page titles would go stale while the live panel moves on.
+        return f"#{self.pk} {self.planilla_id} {self.periodo_inicio}..{self.periodo_fin}"
 
     @property
     def is_finished(self) -> bool:
