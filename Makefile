@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 DEMO_EMPLOYEES ?= 1000
 DEMO_PLANILLA  ?= planilla_demo
 
-.PHONY: demo test install system-deps bench clean
+.PHONY: demo test test-next install system-deps bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,9 +52,20 @@ demo: install
 	kill -TERM $$workers; wait $$workers || true; trap - EXIT; \
 	echo "Workers stopped."; exit $$status
 
+# The same suite on the next Python and Django (3.12 + Django 6.x) in .venv-next,
+# for maintainers; CI runs `make test`. PYTHON_NEXT=/path/to/python3.12 to choose.
+# (pyenv's own builds first: its python3.12 shim fails unless 3.12 is selected)
+PYTHON_NEXT ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python) \
+                           $(shell command -v python3.12))
+test-next: system-deps
+	@test -n "$(PYTHON_NEXT)" || { echo "No Python 3.12 found: set PYTHON_NEXT"; exit 1; }
+	$(MAKE) install VENV=.venv-next PYTHON=$(PYTHON_NEXT)
+	.venv-next/bin/python -m pip install -q "django>=6,<7"
+	.venv-next/bin/python -m pytest --ds=tests.settings
+
 bench: install system-deps
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/payroll.py
 
 clean:
-	rm -rf $(VENV) .coati_queue example_project/db.sqlite3* test-artifacts
+	rm -rf $(VENV) .venv-next .coati_queue example_project/db.sqlite3* test-artifacts
