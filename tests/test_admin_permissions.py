@@ -188,8 +188,23 @@ def test_failed_items_are_grouped_by_error_with_task_links(django_user_model: An
     assert html.count('class="coati-failed-group"') == 2
     assert "Employee inactive: …" in html
     assert reverse("admin:coati_queue_taskresult_change", args=[task.pk]) in html
+    for item in batch.items.filter(status=ItemStatus.FAILED):  # each opens its traceback
+        assert reverse("admin:coati_queue_payrollitem_change", args=[item.pk]) in html
     assert "&lt;b&gt;bad&lt;/b&gt; data" in html and "<b>bad</b>" not in html
     assert 'id="coati-retry-link"' in html
+
+
+def test_failed_item_page_shows_its_traceback_escaped(admin_client: Client) -> None:
+    batch = make_batch(status=BatchStatus.COMPLETED_WITH_ERRORS, total=1, succeeded=0, failed=1)
+    item = PayrollItem.objects.create(
+        batch=batch, employee_id="e1", status=ItemStatus.FAILED, error="Invalid salary",
+        traceback='Traceback (most recent call last):\n  File "<script>alert(1)</script>"\n'
+                  "ValueError: Invalid salary")
+    html = admin_client.get(reverse("admin:coati_queue_payrollitem_change",
+                                    args=[item.pk])).content.decode()
+    assert "ValueError: Invalid salary" in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<script>alert(1)</script>" not in html
 
 
 # -- start payroll -----------------------------------------------------------
