@@ -76,6 +76,9 @@ class QueueSettings:
     HEARTBEAT_INTERVAL: float = _setting(5.0, float, None, "seconds between worker heartbeats")
     WORKER_LOST_AFTER: float = _setting(30.0, float, None,
                                         "seconds without a heartbeat before a worker is lost")
+    CLEANUP_INTERVAL: float = _setting(300.0, float, "COATI_QUEUE_CLEANUP_INTERVAL",
+                                       "seconds between a worker's deletions of expired "
+                                       "task records (0: never)")
     METRICS_TOKEN: str | None = _setting(None, _optional_str, "COATI_QUEUE_METRICS_TOKEN",
                                          "bearer token for /metrics without a session")
     MIDDLEWARE: list = _setting((), _to_list, None, "extra middleware classes (dotted paths)")

@@ -25,7 +25,6 @@ from .tracking import delete_expired
 logger = logging.getLogger("coati_queue.worker")
 
 BURST_IDLE_CHECKS = 3
-CLEANUP_EVERY = 300.0
 
 
 class WorkerProcess:
@@ -44,6 +43,7 @@ class WorkerProcess:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()
         self._signals = 0
+        self._cleaner: threading.Thread | None = None
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals += 1
@@ -77,17 +77,22 @@ class WorkerProcess:
 
     def _loop(self, consumer: Any) -> None:
         interval = self.driver.settings.HEARTBEAT_INTERVAL
+        cleanup_every = self.driver.settings.CLEANUP_INTERVAL or float("inf")
         next_beat = time.monotonic() + interval
-        next_cleanup = time.monotonic() + CLEANUP_EVERY
+        next_cleanup = time.monotonic() + cleanup_every
         idle_checks = 0
         while not self.stopping.wait(0.1):
             now = time.monotonic()
             if now >= next_beat:
                 self._beat()
                 next_beat = now + interval
-            if now >= next_cleanup:
-                self._cleanup()
-                next_cleanup = now + CLEANUP_EVERY
+            if now >= next_cleanup and not (self._cleaner and self._cleaner.is_alive()):
+                # In a thread: deleting a large backlog of expired records must not
+                # hold back the heartbeat, or the overview would show this worker lost.
+                self._cleaner = threading.Thread(target=self._cleanup, name="coati-cleanup",
+                                                 daemon=True)
+                self._cleaner.start()
+                next_cleanup = now + cleanup_every
             if self.burst:
                 idle_checks = idle_checks + 1 if self._nothing_left(consumer) else 0
                 if idle_checks >= BURST_IDLE_CHECKS:
@@ -130,3 +135,5 @@ class WorkerProcess:
                 logger.info("Deleted %d expired task records.", deleted)
         except DatabaseError:
             logger.exception("Deleting expired task records failed")
+        finally:
+            connections.close_all()  # this thread's own connection

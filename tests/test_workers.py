@@ -165,6 +165,35 @@ def test_running_worker_publishes_a_heartbeat(worker_backend, start_worker):
     assert not beat.is_alive(lost_after)
 
 
+def test_running_worker_deletes_expired_records_and_keeps_their_counts(worker_backend,
+                                                                         start_worker):
+    import datetime
+
+    from django.utils import timezone
+
+    from coati_queue.tallies import retired_totals
+
+    name, _ = worker_backend
+    past = timezone.now() - datetime.timedelta(seconds=1)
+    expired = [TaskResult.objects.create(task_name="tests.add", backend=name, status=status,
+                                         expires_at=past)
+               for status in ("completed", "completed", "failed")]
+    running = TaskResult.objects.create(task_name="tests.add", backend=name, status="processing",
+                                        expires_at=past)  # never deleted while unfinished
+    kept = TaskResult.objects.create(task_name="tests.add", backend=name, status="completed",
+                                     expires_at=timezone.now() + datetime.timedelta(days=1))
+    process = start_worker(name, threads=1, env={"COATI_QUEUE_CLEANUP_INTERVAL": "0.3"})
+    wait_for(lambda: not TaskResult.objects.filter(pk__in=[r.pk for r in expired]).exists(),
+             what="the expired records to be deleted", process=process)
+    assert set(TaskResult.objects.values_list("pk", flat=True)) == {running.pk, kept.pk}
+    retired = retired_totals()["tests.add"]
+    assert (retired["enqueued"], retired["succeeded"], retired["failed"]) == (3, 2, 1)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert "Deleted 3 expired task records." in output
+
+
 def test_huey_messages_on_disk_are_json_envelopes(queue_env, huey_path, run_workers):
     queue_env(COATI_QUEUE_BACKEND="huey", COATI_QUEUE_PATH=huey_path)
     driver = get_queue_driver()
