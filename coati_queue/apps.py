@@ -21,4 +21,11 @@ class CoatiQueueConfig(AppConfig):
         # worker knows every task name before the first message arrives.
         from . import payroll  # noqa: F401
 
+        try:  # Django 6+: the runner of django.tasks functions (coati_queue.django_tasks)
+            import django.tasks  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            from . import django_tasks  # noqa: F401
+
         autodiscover_modules("tasks")

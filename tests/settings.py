@@ -7,6 +7,8 @@ see what the test process wrote.
 import os
 import tempfile
 
+import django
+
 BASE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET_KEY = "coati-queue-tests"
 DEBUG = False
@@ -77,3 +79,7 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "loggers": {"coati_queue": {"handlers": ["console"], "level": "INFO"}},
 }
+
+# Django 6+: django.tasks functions run on coati_queue (tests/test_django_tasks.py).
+if django.VERSION >= (6, 0):
+    TASKS = {"default": {"BACKEND": "coati_queue.django_tasks.CoatiTaskBackend"}}
