@@ -39,8 +39,10 @@ def _optional_str(value: Any) -> str | None:
 
 
 def _setting(default: Any, parse: Callable[[Any], Any] = lambda v: v, env: str | None = None,
-             doc: str = "") -> Any:
-    return field(default=default, metadata={"parse": parse, "env": env, "doc": doc})
+             doc: str = "", secret: bool = False) -> Any:
+    # A secret stays out of repr(): a DEBUG error page shows the locals that hold settings.
+    return field(default=default, repr=not secret,
+                 metadata={"parse": parse, "env": env, "doc": doc})
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class QueueSettings:
     ENABLED: bool = _setting(True, _to_bool, "QUEUE_ENABLED",
                              "False: tasks run synchronously in the caller, still tracked")
     REDIS_URL: str | None = _setting(None, _optional_str, "REDIS_URL",
-                                     "Redis for the Dramatiq backend")
+                                     "Redis for the Dramatiq backend", secret=True)
     REDIS_TIMEOUT: float = _setting(0.5, float, "COATI_QUEUE_REDIS_TIMEOUT",
                                     "seconds auto waits for Redis PING")
     PATH: str | None = _setting(None, _optional_str, "COATI_QUEUE_PATH",
@@ -80,7 +82,8 @@ class QueueSettings:
                                        "seconds between a worker's deletions of expired "
                                        "task records (0: never)")
     METRICS_TOKEN: str | None = _setting(None, _optional_str, "COATI_QUEUE_METRICS_TOKEN",
-                                         "bearer token for /metrics without a session")
+                                         "bearer token for /metrics without a session",
+                                         secret=True)
     MIDDLEWARE: list = _setting((), _to_list, None, "extra middleware classes (dotted paths)")
     PAYROLL: dict = _setting(None, lambda v: dict(v or {}), None,
                              "payroll hooks, see the payroll section")

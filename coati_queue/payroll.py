@@ -33,6 +33,7 @@ from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.module_loading import import_string
+from django.utils.translation import gettext as _
 
 from .conf import get_settings
 from .core.exceptions import CoatiQueueError, TaskNotRegistered
@@ -57,9 +58,11 @@ class InvalidPeriod(PayrollError, ValueError):
 class DuplicateBatch(PayrollError):
     def __init__(self, batch: PayrollBatch):
         super().__init__(
-            f"A payroll batch for planilla {batch.planilla_id}, period {batch.periodo_inicio} to "
-            f"{batch.periodo_fin}, is already {batch.status}: batch #{batch.pk}. Wait for it to "
-            "end or cancel it first.")
+            _("A payroll batch for planilla %(planilla)s, period %(start)s to %(end)s, is "
+              "already %(status)s: batch #%(id)s. Wait for it to end or cancel it first.")
+            % {"planilla": batch.planilla_id, "start": batch.periodo_inicio,
+               "end": batch.periodo_fin, "status": BatchStatus(batch.status).label.lower(),
+               "id": batch.pk})
         self.batch = batch
 
 
@@ -142,14 +145,28 @@ def start_payroll_batch(planilla_id: str, periodo_inicio: Any, periodo_fin: Any,
                         usuario: str = "", requested_by: Any = None, on_complete: str = "",
                         on_success: str = "", on_failure: str = "") -> PayrollBatch:
     """Create the batch now (errors raise here) and enqueue its fan-out."""
+    from .monitoring import broker_errors
+    from .redis_url import scrub
+
     batch = create_batch(planilla_id, periodo_inicio, periodo_fin, usuario=usuario,
                          requested_by=requested_by, on_complete=on_complete,
                          on_success=on_success, on_failure=on_failure)
-    process_payroll_parallel_task.send_with_options(
-        kwargs={"planilla_id": batch.planilla_id, "periodo_inicio": str(batch.periodo_inicio),
-                "periodo_fin": str(batch.periodo_fin), "usuario": batch.requested_by_name,
-                "batch_id": batch.pk},
-        batch_id=batch.pk)
+    try:
+        process_payroll_parallel_task.send_with_options(
+            kwargs={"planilla_id": batch.planilla_id,
+                    "periodo_inicio": str(batch.periodo_inicio),
+                    "periodo_fin": str(batch.periodo_fin), "usuario": batch.requested_by_name,
+                    "batch_id": batch.pk},
+            batch_id=batch.pk)
+    except broker_errors() as exc:
+        # The batch row is committed (the fan-out must see it); left pending it would
+        # block the period for ever. It never started, so no callback fires.
+        reason = scrub(str(exc) or type(exc).__name__, get_settings().REDIS_URL)
+        batch.mark_failed(f"Could not be queued: {reason}")
+        raise PayrollError(
+            _("Payroll batch #%(id)s could not be queued (%(reason)s). It was marked failed, "
+              "so the period can be started again once the queue is back.")
+            % {"id": batch.pk, "reason": reason}) from exc
     batch.refresh_from_db()  # the immediate backend has already run the fan-out
     return batch
 

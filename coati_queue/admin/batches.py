@@ -14,8 +14,9 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.widgets import AdminDateWidget
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, F, TextField, Value, Window
-from django.db.models.functions import Cast, Replace, RowNumber
+from django.db.models import Count, F, QuerySet, TextField, Value, Window
+from django.db.models import Func
+from django.db.models.functions import Cast, Concat, Replace, RowNumber, Trim
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
@@ -33,19 +34,38 @@ FAILED_ERROR_GROUPS = 50
 EMPLOYEE_PLACEHOLDER = "…"
 
 
-def failed_item_groups(batch: PayrollBatch) -> list[dict[str, Any]]:
+# Where an employee id stands as a word of an error message: after a space or an
+# opening bracket or quote, before a space, punctuation or the closing one.
+ID_DELIMITERS = ((" ", " "), (" ", ":"), (" ", ","), (" ", "."), (" ", ";"), (" ", ")"),
+                 ("(", ")"), ("'", "'"), ('"', '"'))
+
+
+def error_kind() -> Func:
+    """The error with the item's own employee id masked where it stands as a word.
+
+    Host errors usually name the employee ("Employee inactive: emp_7"); masked,
+    one kind of error is one group, not one per employee. Only whole words are
+    masked, so employee 1 does not turn "salary 1500.00" into "salary …500.00".
+    """
+    padded: Func = Concat(Value(" "), F("error"), Value(" "), output_field=TextField())
+    employee = Cast("employee_id", TextField())
+    for before, after in ID_DELIMITERS:
+        padded = Replace(padded, Concat(Value(before), employee, Value(after)),
+                         Value(f"{before}{EMPLOYEE_PLACEHOLDER}{after}"),
+                         output_field=TextField())
+    return Trim(padded)
+
+
+def failed_item_groups(batch: PayrollBatch, *,
+                       task_links: bool = True) -> list[dict[str, Any]]:
     """Failed items grouped by error: one windowed query, bounded per error.
 
     Each row carries its group's size (a window COUNT), and only the first
     ``FAILED_ITEMS_PER_ERROR`` items of each error are fetched (ROW_NUMBER),
     so a batch with 10,000 identical failures costs one small query.
     """
-    # Host errors usually name the employee ("Employee inactive: emp_7"); with the
-    # item's own id masked, one kind of error is one group, not one per employee.
-    kind = Replace(F("error"), Cast("employee_id", TextField()), Value(EMPLOYEE_PLACEHOLDER),
-                   output_field=TextField())
     rows = (PayrollItem.objects.filter(batch=batch, status=ItemStatus.FAILED)
-            .annotate(kind=kind)
+            .annotate(kind=error_kind())
             .annotate(group_size=Window(Count("pk"), partition_by=[F("kind")]),
                       row=Window(RowNumber(), partition_by=[F("kind")],
                                  order_by=[F("employee_id").asc(), F("pk").asc()]))
@@ -59,7 +79,7 @@ def failed_item_groups(batch: PayrollBatch) -> list[dict[str, Any]]:
             "employee_id": employee_id, "pk": item_pk,
             "item_url": reverse("admin:coati_queue_payrollitem_change", args=[item_pk]),
             "task_url": reverse("admin:coati_queue_taskresult_change", args=[task_id])
-            if task_id else "",
+            if task_id and task_links else "",
         })
     ordered = list(groups.values())[:FAILED_ERROR_GROUPS]
     for group in ordered:
@@ -113,8 +133,13 @@ class PayrollItemAdmin(ReadOnlyPostMixin, admin.ModelAdmin):
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """Whoever may see a batch may open its employees (the errors and tracebacks)."""
+        return (super().has_view_permission(request, obj)
+                or request.user.has_perm("coati_queue.view_payrollbatch"))
+
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
+        return False  # items go with their batch (see PayrollBatchAdmin.get_deleted_objects)
 
     @admin.display(description=_("batch"), ordering="batch")
     def batch_link(self, obj: PayrollItem) -> str:
@@ -174,6 +199,15 @@ class PayrollBatchAdmin(ReadOnlyPostMixin, admin.ModelAdmin):
         if obj is not None and obj.status in ACTIVE_BATCH_STATES:
             return False
         return super().has_delete_permission(request, obj)
+
+    def get_deleted_objects(self, objs: Any, request: HttpRequest) -> tuple:
+        """Items are not deletable on their own, but they go with their batch."""
+        deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        perms_needed.discard(PayrollItem._meta.verbose_name)
+        return deleted, counts, perms_needed, protected
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
+        super().delete_queryset(request, queryset.exclude(status__in=ACTIVE_BATCH_STATES))
 
     # -- changelist columns -----------------------------------------------
     @staticmethod
@@ -239,7 +273,8 @@ class PayrollBatchAdmin(ReadOnlyPostMixin, admin.ModelAdmin):
                         extra_context: dict | None = None) -> HttpResponse:
         context = {"start_payroll_url": reverse("admin:coati_queue_payrollbatch_start")
                    if self.has_add_permission(request) else "",
-                   "overview_url": reverse("admin:coati_queue_taskresult_overview"),
+                   "overview_url": reverse("admin:coati_queue_taskresult_overview")
+                   if request.user.has_perm("coati_queue.view_taskresult") else "",
                    **(extra_context or {})}
         return super().changelist_view(request, extra_context=context)
 
@@ -261,7 +296,8 @@ class PayrollBatchAdmin(ReadOnlyPostMixin, admin.ModelAdmin):
                 "is_active": batch.status in ACTIVE_BATCH_STATES,
                 "progress_url": progress_url(batch.pk),
                 "progress_i18n": display.progress_i18n(),
-                "failed_groups": failed_item_groups(batch) if batch.failed else [],
+                "failed_groups": failed_item_groups(batch, task_links=request.user.has_perm(
+                    "coati_queue.view_taskresult")) if batch.failed else [],
                 "items_url": reverse("admin:coati_queue_payrollitem_changelist")
                 + f"?batch__id__exact={batch.pk}",
                 "can_retry": can_change and batch.failed > 0

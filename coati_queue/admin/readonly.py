@@ -21,6 +21,15 @@ class ReadOnlyPostMixin:
         extra = list(super().get_readonly_fields(request, obj))  # type: ignore[misc]
         return extra + [f.name for f in self.model._meta.fields]  # type: ignore[attr-defined]
 
+    def changelist_view(self, request: HttpRequest,
+                        extra_context: dict | None = None) -> HttpResponse:
+        # Django answers an action the user may not run with 200 "No action selected";
+        # a POST of an action this user lacks the permission for is refused outright.
+        action = request.POST.get("action") if request.method == "POST" else None
+        if action and action not in self.get_actions(request):  # type: ignore[attr-defined]
+            raise PermissionDenied(gettext("You may not run this action."))
+        return super().changelist_view(request, extra_context)  # type: ignore[misc]
+
     def change_view(self, request: HttpRequest, object_id: str, form_url: str = "",
                     extra_context: dict | None = None) -> HttpResponse:
         if request.method == "POST":

@@ -8,6 +8,8 @@ is read-only and a POST to the form is refused.
 
 from __future__ import annotations
 
+import json
+
 import uuid
 from typing import Any, Iterable
 
@@ -38,33 +40,41 @@ RETRY_ALL_LIMIT = 5000
 def retry_records(records: Iterable[TaskResult]) -> tuple[int, dict[str, str]]:
     """Re-enqueue each record as a NEW task whose ``retry_of`` is the original.
 
-    One transaction: the new records and their ``retry_of`` links are written
-    together and the messages are sent when it commits, so a worker never
-    sees a retry whose link is missing. Returns (retried, {task name: why skipped}).
+    Each retry is one transaction: its record, its ``retry_of`` link and the
+    send succeed or fail together, so a broker that is down leaves no
+    pending record that was never sent (the original stays retryable).
+    Returns (retried, {task name: why skipped}).
     """
+    from ..monitoring import broker_errors
+    from ..redis_url import scrub
     from ..selection import get_queue_driver
 
     driver = get_queue_driver()
-    links: list[TaskResult] = []
+    retried = 0
     skipped: dict[str, str] = {}
-    with transaction.atomic():
-        for record in records:
-            try:
-                task = registry.get(record.task_name)
-            except TaskNotRegistered:
-                skipped[record.task_name] = gettext("not registered in this process")
-                continue
-            queue = record.queue if record.queue in driver.settings.QUEUES else None
-            try:
+    for record in records:
+        try:
+            task = registry.get(record.task_name)
+        except TaskNotRegistered:
+            skipped[record.task_name] = gettext("not registered in this process")
+            continue
+        queue = record.queue if record.queue in driver.settings.QUEUES else None
+        try:
+            with transaction.atomic():
                 new_id = driver.enqueue_task(task, list(record.args or []),
                                              dict(record.kwargs or {}), queue=queue,
-                                             on_commit=True, task_id=None)
-            except (TypeError, ValueError) as exc:
-                skipped[record.task_name] = str(exc)
-                continue
-            links.append(TaskResult(pk=uuid.UUID(str(new_id)), retry_of_id=record.pk))
-        TaskResult.objects.bulk_update(links, ["retry_of"], batch_size=500)
-    return len(links), skipped
+                                             on_commit=False, task_id=None)
+                TaskResult.objects.filter(pk=uuid.UUID(str(new_id))).update(
+                    retry_of_id=record.pk)
+        except (TypeError, ValueError) as exc:
+            skipped[record.task_name] = str(exc)
+            continue
+        except broker_errors() as exc:  # the rest would fail the same way
+            skipped[record.task_name] = gettext("the queue is unavailable: %(error)s") % {
+                "error": scrub(str(exc) or type(exc).__name__, driver.settings.REDIS_URL)}
+            break
+        retried += 1
+    return retried, skipped
 
 
 class TaskResultAdmin(ReadOnlyPostMixin, admin.ModelAdmin):
@@ -140,18 +150,41 @@ class TaskResultAdmin(ReadOnlyPostMixin, admin.ModelAdmin):
                                                                   search_term)
         term = search_term.strip()
         if term:
+            # SQLite keeps non-ASCII JSON text \u-escaped: "José" is stored "Jos\u00e9".
+            matches = Q()
+            for text in {term, json.dumps(term)[1:-1]}:
+                matches |= Q(_args_text__icontains=text) | Q(_kwargs_text__icontains=text)
             in_arguments = queryset.annotate(
                 _args_text=Cast("args", TextField()), _kwargs_text=Cast("kwargs", TextField()),
-            ).filter(Q(_args_text__icontains=term) | Q(_kwargs_text__icontains=term))
+            ).filter(matches)
             results = results | queryset.filter(pk__in=in_arguments.values("pk"))
         return results, may_have_duplicates
 
-    # -- deleting keeps the metrics counters monotonic ------------------------
+    # -- deleting: finished records only, and the metrics counters stay monotonic --
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """An unfinished record would come back with the worker's next state write."""
+        if obj is not None and not obj.is_finished:
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def get_deleted_objects(self, objs: Any, request: HttpRequest) -> tuple:
+        """Unfinished records among the selected are kept (delete_queryset), not a 403."""
+        deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        if super().has_delete_permission(request):
+            perms_needed.discard(TaskResult._meta.verbose_name)
+        return deleted, counts, perms_needed, protected
+
     def delete_model(self, request: HttpRequest, obj: TaskResult) -> None:
         delete_task_records(TaskResult.objects.filter(pk=obj.pk))
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
-        delete_task_records(queryset)
+        unfinished = queryset.exclude(status__in=FINISHED_TASK_STATES).count()
+        delete_task_records(queryset.filter(status__in=FINISHED_TASK_STATES))
+        if unfinished:
+            self.message_user(request, ngettext(
+                "%(count)s selected task has not finished and was kept.",
+                "%(count)s selected tasks have not finished and were kept.", unfinished)
+                % {"count": unfinished}, messages.WARNING)
 
     # -- actions ------------------------------------------------------------
     def _report(self, request: HttpRequest, retried: int, skipped: dict[str, str]) -> None:
