@@ -89,7 +89,6 @@ class TaskResult(models.Model):
             models.Index(fields=["status", "task_name"], name="coati_task_status_name"),
             models.Index(fields=["queue", "status"], name="coati_task_queue_status"),
         ]
-        permissions = [("retry_taskresult", _("Can retry task records"))]
 
     def __str__(self) -> str:
         return f"{self.task_name} {self.id} ({self.status})"
@@ -205,10 +204,6 @@ class PayrollBatch(models.Model):
                 condition=Q(status__in=["pending", "running"]),
                 name="coati_one_active_batch_per_period",
             ),
-        ]
-        permissions = [
-            ("retry_payrollbatch", _("Can retry failed payroll items")),
-            ("cancel_payrollbatch", _("Can cancel payroll batches")),
         ]
 
     def __str__(self) -> str:

@@ -100,7 +100,8 @@ def parse_period(inicio: Any, fin: Any) -> tuple[datetime.date, datetime.date]:
 
     start, end = parse(inicio, "periodo_inicio"), parse(fin, "periodo_fin")
     if start > end:
-        raise InvalidPeriod(f"periodo_inicio {start} is after periodo_fin {end}")
+        raise InvalidPeriod(_("periodo_inicio %(start)s is after periodo_fin %(end)s")
+                            % {"start": start, "end": end})
     return start, end
 
 
@@ -350,8 +351,9 @@ def retry_failed_items(batch: PayrollBatch) -> int:
                 periodo_fin=batch.periodo_fin).first()
             raise DuplicateBatch(other or batch) from None
         if not resumed:
-            raise PayrollError(f"Batch #{batch.pk} was cancelled; its failed items cannot be "
-                               "retried. Start a new batch for the period instead.")
+            raise PayrollError(_("Batch #%(id)s was cancelled; its failed items cannot be "
+                                 "retried. Start a new batch for the period instead.")
+                               % {"id": batch.pk})
         enqueue_chunks(batch, ids)
     batch.refresh_from_db()
     return moved

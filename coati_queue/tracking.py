@@ -253,9 +253,20 @@ def status_counts(queue: str | None = None) -> dict[str, int]:
     return counts
 
 
+#: Heartbeats of workers gone (stopped or lost) this long are forgotten by the cleanup.
+FORGET_WORKERS_AFTER = datetime.timedelta(days=1)
+
+
 def delete_expired(now: datetime.datetime | None = None) -> int:
-    """Drop finished records past their TTL (``manage.py queuestats --cleanup``, workers)."""
+    """Drop finished records past their TTL (``manage.py queuestats --cleanup``, workers).
+
+    Also forgets workers not seen for ``FORGET_WORKERS_AFTER``: every crashed or
+    killed worker would otherwise stay on the overview as "lost" for ever.
+    """
+    from .models import WorkerHeartbeat
     from .tallies import delete_task_records
 
+    now = now or timezone.now()
+    WorkerHeartbeat.objects.filter(last_seen__lt=now - FORGET_WORKERS_AFTER).delete()
     return delete_task_records(
         TaskResult.objects.expired(now).filter(status__in=FINISHED_TASK_STATES))

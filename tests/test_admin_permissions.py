@@ -382,3 +382,8 @@ def test_the_admin_pages_speak_spanish(admin_client: Client) -> None:
     overview = admin_client.get(batch_urls(batch)["overview"],
                                 HTTP_ACCEPT_LANGUAGE="es").content.decode()
     assert "Resumen de colas" in overview and "Última hora" in overview
+    running = make_batch(planilla_id="planilla_es")  # a second start names the running one
+    refused = admin_client.post(reverse("admin:coati_queue_payrollbatch_start"), {
+        "planilla_id": "planilla_es", "periodo_inicio": "2024-01-01",
+        "periodo_fin": "2024-01-15"}, HTTP_ACCEPT_LANGUAGE="es").content.decode()
+    assert f"en estado en ejecución: lote #{running.pk}" in refused

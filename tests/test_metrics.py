@@ -122,3 +122,16 @@ def test_cleanup_of_many_task_names_tallies_every_name():
     assert delete_expired() == len(names)
     retired = tallies.retired_totals()
     assert {name: retired[name]["succeeded"] for name in names} == dict.fromkeys(names, 1.0)
+
+
+def test_cleanup_forgets_workers_gone_for_a_day():
+    """A killed worker shows as lost on the overview, but not for ever."""
+    from coati_queue.models import WorkerHeartbeat
+
+    now = timezone.now()
+    for worker_id, age in (("recent-lost", datetime.timedelta(minutes=5)),
+                           ("long-gone", datetime.timedelta(days=2))):
+        WorkerHeartbeat.objects.create(worker_id=worker_id, hostname="h", pid=1, backend="huey",
+                                       last_seen=now - age)
+    delete_expired()
+    assert list(WorkerHeartbeat.objects.values_list("worker_id", flat=True)) == ["recent-lost"]

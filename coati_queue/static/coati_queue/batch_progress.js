@@ -103,7 +103,11 @@
         timer = setTimeout(poll, every * 2);
         return;
       }
-      if (response.status === 401 || response.status === 403 || response.status === 404) {
+      // A lapsed session on the admin's own endpoint redirects to the login page (200 HTML).
+      const loggedOut = response.redirected ||
+        !(response.headers.get("Content-Type") || "").includes("json");
+      if (response.status === 401 || response.status === 403 || response.status === 404 ||
+          (response.ok && loggedOut)) {
         say(i18n.forbidden, true);
         stop();
         return;
