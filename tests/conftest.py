@@ -277,3 +277,23 @@ def backend(request, queue_env, huey_path, run_workers) -> BackendUnderTest:
     # ``Task.send()`` uses the unforced driver: it must land on the same backend.
     assert get_queue_driver().name == name
     return under_test
+
+
+# -- admin users ---------------------------------------------------------------------------
+def make_user(django_user_model: Any, username: str, *perms: str, staff: bool = True) -> Any:
+    """A user with just these coati_queue permissions (codenames)."""
+    from django.contrib.auth.models import Permission
+
+    user = django_user_model.objects.create_user(username, password="pw", is_staff=staff)
+    for codename in perms:
+        user.user_permissions.add(Permission.objects.get(content_type__app_label="coati_queue",
+                                                         codename=codename))
+    return user
+
+
+def logged_in(user: Any) -> Any:
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    return client

@@ -11,7 +11,6 @@ import datetime
 from typing import Any
 
 import pytest
-from django.contrib.auth.models import Permission
 from django.test import Client, override_settings
 from django.urls import reverse
 
@@ -19,7 +18,7 @@ from coati_queue.conf import get_settings
 from coati_queue.models import (BatchStatus, ItemStatus, PayrollBatch, PayrollItem, TaskResult,
                                 TaskStatus)
 from coati_queue.redis_url import mask_redis_url, scrub
-from tests.conftest import free_port
+from tests.conftest import free_port, logged_in, make_user
 
 pytestmark = pytest.mark.django_db(transaction=True)  # sends happen at commit, as for users
 
@@ -45,20 +44,6 @@ def queue_down(tmp_path: Any) -> Any:
     with override_settings(COATI_QUEUE=queue_settings(tmp_path, BACKEND="dramatiq",
                                                       REDIS_URL=url, REDIS_TIMEOUT=0.2)):
         yield url
-
-
-def make_user(django_user_model: Any, username: str, *perms: str) -> Any:
-    user = django_user_model.objects.create_user(username, password="pw", is_staff=True)
-    for codename in perms:
-        user.user_permissions.add(Permission.objects.get(content_type__app_label="coati_queue",
-                                                         codename=codename))
-    return user
-
-
-def logged_in(user: Any) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def failed_task(**fields: Any) -> TaskResult:

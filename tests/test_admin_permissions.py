@@ -11,13 +11,13 @@ import datetime
 from typing import Any
 
 import pytest
-from django.contrib.auth.models import Permission
 from django.test import Client, override_settings
 from django.urls import reverse
 from django.utils import timezone
 
 from coati_queue.models import (BatchStatus, ItemStatus, PayrollBatch, PayrollItem, TaskResult,
                                 TaskStatus, WorkerHeartbeat)
+from tests.conftest import logged_in, make_user
 
 pytestmark = pytest.mark.django_db
 
@@ -36,20 +36,6 @@ def queue_settings(tmp_path: Any, **extra: Any) -> dict[str, Any]:
 def private_queue(tmp_path: Any) -> Any:
     with override_settings(COATI_QUEUE=queue_settings(tmp_path)):
         yield
-
-
-def make_user(django_user_model: Any, username: str, *perms: str, staff: bool = True) -> Any:
-    user = django_user_model.objects.create_user(username, password="pw", is_staff=staff)
-    for codename in perms:
-        user.user_permissions.add(Permission.objects.get(content_type__app_label="coati_queue",
-                                                         codename=codename))
-    return user
-
-
-def logged_in(user: Any) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def make_batch(**fields: Any) -> PayrollBatch:
