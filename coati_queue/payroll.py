@@ -147,7 +147,7 @@ def start_payroll_batch(planilla_id: str, periodo_inicio: Any, periodo_fin: Any,
                         on_success: str = "", on_failure: str = "") -> PayrollBatch:
     """Create the batch now (errors raise here) and enqueue its fan-out."""
     from .monitoring import broker_errors
-    from .redis_url import scrub
+    from .redis_url import error_text
 
     batch = create_batch(planilla_id, periodo_inicio, periodo_fin, usuario=usuario,
                          requested_by=requested_by, on_complete=on_complete,
@@ -162,7 +162,7 @@ def start_payroll_batch(planilla_id: str, periodo_inicio: Any, periodo_fin: Any,
     except broker_errors() as exc:
         # The batch row is committed (the fan-out must see it); left pending it would
         # block the period for ever. It never started, so no callback fires.
-        reason = scrub(str(exc) or type(exc).__name__, get_settings().REDIS_URL)
+        reason = error_text(exc, get_settings().REDIS_URL)
         batch.mark_failed(f"Could not be queued: {reason}")
         raise PayrollError(
             _("Payroll batch #%(id)s could not be queued (%(reason)s). It was marked failed, "

@@ -38,6 +38,11 @@ def mask_redis_url(url: str | None) -> str:
                        parts.fragment))
 
 
+def error_text(exc: BaseException, url: str | None) -> str:
+    """An exception as a user may read it: its message (or type), passwords removed."""
+    return scrub(str(exc) or type(exc).__name__, url)
+
+
 def scrub(text: str, url: str | None) -> str:
     """Remove the passwords of ``url`` from any message (exceptions can echo them)."""
     if not url or not text:

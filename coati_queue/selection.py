@@ -18,7 +18,7 @@ from typing import Any
 
 from .conf import QueueSettings, get_settings, reset_settings
 from .core.exceptions import BackendUnavailable, StorageUnavailable
-from .redis_url import mask_redis_url, scrub
+from .redis_url import error_text, mask_redis_url
 
 logger = logging.getLogger("coati_queue")
 
@@ -48,7 +48,7 @@ def redis_answers(url: str, timeout: float) -> tuple[bool, str]:
             client.close()
         return True, ""
     except (redis.RedisError, OSError, ValueError) as exc:
-        return False, scrub(str(exc) or type(exc).__name__, url)
+        return False, error_text(exc, url)
 
 
 def huey_path_candidates(settings: QueueSettings) -> list[tuple[str, str]]:

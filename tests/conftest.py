@@ -297,3 +297,20 @@ def logged_in(user: Any) -> Any:
     client = Client()
     client.force_login(user)
     return client
+
+
+# -- a private queue for admin and metrics tests ---------------------------------------------
+def queue_settings(tmp_path: Any, **extra: Any) -> dict[str, Any]:
+    """The test settings' COATI_QUEUE (payroll hooks) with a private Huey directory."""
+    from django.conf import settings
+
+    return {**settings.COATI_QUEUE, "BACKEND": "huey", "PATH": str(tmp_path / "huey"), **extra}
+
+
+@pytest.fixture
+def private_queue(tmp_path: Any) -> Any:
+    """Huey in this test's own directory (``usefixtures`` it, or autouse a wrapper)."""
+    from django.test import override_settings
+
+    with override_settings(COATI_QUEUE=queue_settings(tmp_path)):
+        yield

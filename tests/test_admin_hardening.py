@@ -18,23 +18,12 @@ from coati_queue.conf import get_settings
 from coati_queue.models import (BatchStatus, ItemStatus, PayrollBatch, PayrollItem, TaskResult,
                                 TaskStatus)
 from coati_queue.redis_url import mask_redis_url, scrub
-from tests.conftest import free_port, logged_in, make_user
+from tests.conftest import free_port, logged_in, make_user, queue_settings
 
-pytestmark = pytest.mark.django_db(transaction=True)  # sends happen at commit, as for users
+pytestmark = [pytest.mark.django_db(transaction=True),  # sends happen at commit, as for users
+              pytest.mark.usefixtures("private_queue")]
 
 SECRET = "QuerySecret42"
-
-
-def queue_settings(tmp_path: Any, **extra: Any) -> dict[str, Any]:
-    from django.conf import settings
-
-    return {**settings.COATI_QUEUE, "BACKEND": "huey", "PATH": str(tmp_path / "huey"), **extra}
-
-
-@pytest.fixture(autouse=True)
-def private_queue(tmp_path: Any) -> Any:
-    with override_settings(COATI_QUEUE=queue_settings(tmp_path)):
-        yield
 
 
 @pytest.fixture

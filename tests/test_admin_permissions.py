@@ -17,25 +17,12 @@ from django.utils import timezone
 
 from coati_queue.models import (BatchStatus, ItemStatus, PayrollBatch, PayrollItem, TaskResult,
                                 TaskStatus, WorkerHeartbeat)
-from tests.conftest import logged_in, make_user
+from tests.conftest import logged_in, make_user, queue_settings
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("private_queue")]
 
 PASSWORD = "S3cretRedisPassw0rd"
 TOKEN = "metrics-token-for-tests"
-
-
-def queue_settings(tmp_path: Any, **extra: Any) -> dict[str, Any]:
-    """The test settings' COATI_QUEUE (payroll hooks) with a private Huey directory."""
-    from django.conf import settings
-
-    return {**settings.COATI_QUEUE, "BACKEND": "huey", "PATH": str(tmp_path / "huey"), **extra}
-
-
-@pytest.fixture(autouse=True)
-def private_queue(tmp_path: Any) -> Any:
-    with override_settings(COATI_QUEUE=queue_settings(tmp_path)):
-        yield
 
 
 def make_batch(**fields: Any) -> PayrollBatch:

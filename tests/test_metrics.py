@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from coati_queue.models import TaskResult, TaskStatus, TaskTally
 from coati_queue.tracking import delete_expired
+from tests.conftest import queue_settings
 
 pytestmark = pytest.mark.django_db
 
@@ -27,11 +28,7 @@ TOKEN = "metrics-token-for-tests"
 
 @pytest.fixture(autouse=True)
 def private_queue(tmp_path: Any) -> Any:
-    from django.conf import settings
-
-    queue = {**settings.COATI_QUEUE, "BACKEND": "huey", "PATH": str(tmp_path / "huey"),
-             "METRICS_TOKEN": TOKEN}
-    with override_settings(COATI_QUEUE=queue):
+    with override_settings(COATI_QUEUE=queue_settings(tmp_path, METRICS_TOKEN=TOKEN)):
         yield
 
 

@@ -14,8 +14,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.widgets import AdminDateWidget
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, F, QuerySet, TextField, Value, Window
-from django.db.models import Func
+from django.db.models import Count, F, Func, QuerySet, TextField, Value, Window
 from django.db.models.functions import Cast, Concat, Replace, RowNumber, Trim
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.shortcuts import get_object_or_404

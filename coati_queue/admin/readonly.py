@@ -2,7 +2,8 @@
 
 Workers update these rows concurrently (counters, states), so saving the
 form would write back stale values over theirs: the form shows every field
-read-only, hides the save buttons and refuses a POST outright.
+read-only, hides the save buttons and refuses a POST outright. The list
+refuses, with a 403, a POSTed action the user has no permission for.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ is read-only and a POST to the form is refused.
 from __future__ import annotations
 
 import json
-
 import uuid
 from typing import Any, Iterable
 
@@ -46,7 +45,7 @@ def retry_records(records: Iterable[TaskResult]) -> tuple[int, dict[str, str]]:
     Returns (retried, {task name: why skipped}).
     """
     from ..monitoring import broker_errors
-    from ..redis_url import scrub
+    from ..redis_url import error_text
     from ..selection import get_queue_driver
 
     driver = get_queue_driver()
@@ -71,7 +70,7 @@ def retry_records(records: Iterable[TaskResult]) -> tuple[int, dict[str, str]]:
             continue
         except broker_errors() as exc:  # the rest would fail the same way
             skipped[record.task_name] = gettext("the queue is unavailable: %(error)s") % {
-                "error": scrub(str(exc) or type(exc).__name__, driver.settings.REDIS_URL)}
+                "error": error_text(exc, driver.settings.REDIS_URL)}
             break
         retried += 1
     return retried, skipped
