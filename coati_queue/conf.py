@@ -81,6 +81,24 @@ class QueueSettings:
     CLEANUP_INTERVAL: float = _setting(300.0, float, "COATI_QUEUE_CLEANUP_INTERVAL",
                                        "seconds between a worker's deletions of expired "
                                        "task records (0: never)")
+    REDIS_HEARTBEAT_TIMEOUT: float = _setting(
+        60.0, float, None, "seconds without a worker's Redis heartbeat before its unacked "
+        "messages go to other workers (Dramatiq)")
+    RECONCILE_INTERVAL: float = _setting(
+        30.0, float, None, "seconds between a worker's delivery checks: lost workers' tasks, "
+        "unsent and vanished messages, expired batch claims (0: never)")
+    RESEND_PENDING_AFTER: float = _setting(
+        300.0, float, None, "seconds a pending record may wait before the reconciler checks "
+        "that its message is still in the broker")
+    WORKER_LOST_LIMIT: int = _setting(
+        3, int, None, "worker deaths while running one task before it is marked failed")
+    BATCH_CLAIM_TTL: float = _setting(
+        600.0, float, None, "seconds a worker's claim on batch items lasts before another "
+        "worker may take them (renewed while it runs)")
+    MAX_MESSAGE_SIZE: int = _setting(
+        512 * 1024, int, None, "largest encoded job in bytes, checked at send and in workers")
+    DEAD_LETTER_PAYLOAD_LIMIT: int = _setting(
+        64 * 1024, int, None, "bytes of a dead letter's raw payload that are kept")
     METRICS_TOKEN: str | None = _setting(None, _optional_str, "COATI_QUEUE_METRICS_TOKEN",
                                          "bearer token for /metrics without a session",
                                          secret=True)
@@ -137,6 +155,11 @@ class QueueSettings:
             raise ImproperlyConfigured("COATI_QUEUE needs 0 < MIN_BACKOFF <= MAX_BACKOFF.")
         if self.MAX_RETRIES < 0:
             raise ImproperlyConfigured("COATI_QUEUE['MAX_RETRIES'] cannot be negative.")
+        if self.WORKER_LOST_LIMIT < 1:
+            raise ImproperlyConfigured("COATI_QUEUE['WORKER_LOST_LIMIT'] must be at least 1.")
+        if self.MAX_MESSAGE_SIZE < 1024:
+            raise ImproperlyConfigured("COATI_QUEUE['MAX_MESSAGE_SIZE'] must be at least 1024 "
+                                       "bytes.")
 
     def queue_priority(self, queue: str) -> int:
         """Higher number = consumed first; ``QUEUES`` lists the highest first."""

@@ -78,6 +78,17 @@ class TaskResult(models.Model):
                               related_name="tasks", verbose_name=_("batch"))
     retry_of = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL,
                                  related_name="retries", verbose_name=_("retry of"))
+    # Delivery bookkeeping (README "Delivery guarantees"): the record is the outbox row
+    # and the source the reconciler re-sends from.
+    unsent = models.BooleanField(
+        _("waiting to be sent"), default=False, db_index=True,
+        help_text=_("The broker refused the send after commit; the relay sends it again."))
+    lost_count = models.PositiveIntegerField(
+        _("worker lost"), default=0,
+        help_text=_("How many times the worker running this task died before it finished."))
+    resends = models.PositiveIntegerField(
+        _("re-sent"), default=0,
+        help_text=_("How many times the relay or the reconciler sent it again from this record."))
 
     objects = TaskResultQuerySet.as_manager()
 
@@ -321,6 +332,8 @@ class PayrollItem(models.Model):
     traceback = models.TextField(_("traceback"), blank=True, default="")
     result = models.JSONField(_("result"), null=True, blank=True)
     claimed_by = models.UUIDField(_("claimed by task"), null=True, blank=True)
+    # A claim is a lease: once it expires (its worker died), another chunk may take the item.
+    claim_expires_at = models.DateTimeField(_("claim expires at"), null=True, blank=True)
     task = models.ForeignKey(TaskResult, null=True, blank=True, on_delete=models.SET_NULL,
                              related_name="+", verbose_name=_("last task"))
     tasks = models.ManyToManyField(TaskResult, blank=True, related_name="payroll_items",
@@ -340,6 +353,39 @@ class PayrollItem(models.Model):
 
     def __str__(self) -> str:
         return f"{self.employee_id} in batch {self.batch_id} ({self.status})"
+
+
+class DeadLetter(models.Model):
+    """A message no worker could run: undecodable, invalid, unknown task, too large.
+
+    Kept with its raw payload (truncated to ``DEAD_LETTER_PAYLOAD_LIMIT``) so it can
+    be read, requeued once fixed, or deleted; nothing about it is ever executed as is.
+    """
+
+    seen_at = models.DateTimeField(_("seen at"), default=timezone.now, db_index=True)
+    backend = models.CharField(_("backend"), max_length=16)
+    source = models.CharField(_("source"), max_length=32, default="worker",
+                              help_text=_("Where it was found: a worker, Dramatiq's dead-letter "
+                                          "set, a Huey file, the tracking writer."))
+    queue = models.CharField(_("queue"), max_length=64, blank=True, default="")
+    task_name = models.CharField(_("task"), max_length=200, blank=True, default="")
+    task_id = models.CharField(_("task id"), max_length=64, blank=True, default="",
+                               db_index=True)
+    reason = models.TextField(_("reason"))
+    payload = models.TextField(_("payload"), blank=True, default="")
+    payload_size = models.PositiveIntegerField(_("payload size (bytes)"), default=0)
+    truncated = models.BooleanField(_("payload truncated"), default=False)
+    seen_by = models.CharField(_("seen by"), max_length=128, blank=True, default="")
+    requeued_at = models.DateTimeField(_("requeued at"), null=True, blank=True)
+    requeued_as = models.CharField(_("requeued as task"), max_length=64, blank=True, default="")
+
+    class Meta:
+        verbose_name = _("dead letter")
+        verbose_name_plural = _("dead letters")
+        ordering = ["-seen_at"]
+
+    def __str__(self) -> str:
+        return f"{self.task_name or '<undecodable>'} ({self.reason[:60]})"
 
 
 class WorkerHeartbeat(models.Model):

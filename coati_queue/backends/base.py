@@ -183,3 +183,22 @@ class QueueDriver:
     def purge(self, queues: Iterable[str] | None = None) -> int:
         """Drop queued and delayed jobs; returns how many were dropped."""
         raise NotImplementedError
+
+    # -- delivery (README "Delivery guarantees") ----------------------------
+    def missing_jobs(self, jobs: list[tuple[str, int, str]]) -> set[str]:
+        """Of ``(job_id, attempt, queue)``, the ids the broker holds no message for.
+
+        "Holds" means queued, delayed, or reserved by a worker (unacked); the
+        reconciler re-sends only what is missing, so it never duplicates a message.
+        """
+        return set()
+
+    def maintain(self) -> int:
+        """Periodic broker upkeep in every worker: keep this worker's reservations
+        alive and give back those of dead workers. Returns how many were given back."""
+        return 0
+
+    def take_dead_letters(self) -> list[dict[str, Any]]:
+        """Messages the broker itself refused (e.g. Dramatiq's dead-letter set), removed
+        from it: ``[{"payload": bytes | str, "queue": str, "reason": str}]``."""
+        return []
