@@ -4,6 +4,10 @@ One Huey instance over one directory; a queue name maps to a Huey priority
 (``QUEUES`` lists the highest first), so Huey's own ordering consumes
 ``high`` before ``default`` before ``low``. Messages are JSON, never pickle.
 Retries are decided by ``coati_queue.core.execution``, so Huey's are off.
+
+Delivery is at least once: a worker's claim is a reservation on disk, deleted
+(acked) only after the job ran; a killed worker's reservations are given back
+by the next ``maintain()`` or worker start (see ``huey_storage``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from huey import Huey
 from huey.registry import Message
 from huey.serializer import Serializer
 
+from ..core.exceptions import StorageUnavailable
 from ..core.jobs import Job
 from .base import QueueDriver
 from .huey_storage import QueueFileStorage
@@ -31,8 +36,29 @@ DEAD_LETTER_TASK = "coati.dead_letter"
 MODULE = __name__
 
 
+def _dead_letter_message(data: Any, reason: str, priority: int | None = None) -> Message:
+    # Whole and escaped: the dead-letter record truncates it and keeps its true size.
+    text = data.decode("utf-8", "backslashreplace") if isinstance(data, bytes) else str(data)
+    return Message(id=None, name=f"{MODULE}.{DEAD_LETTER_TASK}", retries=0, retry_delay=0,
+                   priority=priority, args=(text, reason), kwargs={})
+
+
+def _shape_problem(message: Message) -> str | None:
+    """Why Huey could not call our task with this message, or None. Checked here, so
+    a foreign or forged message is dead-lettered instead of failing in Huey (where
+    its file would be neither run nor acked)."""
+    args, kwargs = tuple(message.args or ()), message.kwargs or {}
+    if message.name == f"{MODULE}.{EXECUTE_TASK}":
+        ok = len(args) == 1 and isinstance(args[0], dict) and not kwargs
+    elif message.name == f"{MODULE}.{DEAD_LETTER_TASK}":
+        ok = len(args) == 2 and all(isinstance(a, str) for a in args) and not kwargs
+    else:
+        return f"not a coati_queue message (Huey task {message.name!r})"
+    return None if ok else f"unexpected arguments for Huey task {message.name!r}"
+
+
 class JSONMessageSerializer(Serializer):
-    """Huey messages as JSON. An unreadable file becomes a dead-letter message."""
+    """Huey messages as JSON. An unreadable or foreign file becomes a dead-letter message."""
 
     def _serialize(self, data: Any) -> bytes:
         if not isinstance(data, Message):
@@ -54,11 +80,34 @@ class JSONMessageSerializer(Serializer):
             for stamp in ("eta", "expires_resolved"):
                 if fields.get(stamp):
                     fields[stamp] = datetime.datetime.fromisoformat(fields[stamp])
-            return Message(**fields)
-        except (ValueError, KeyError, TypeError) as exc:
-            text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
-            return Message(id=None, name=f"{MODULE}.{DEAD_LETTER_TASK}", retries=0, retry_delay=0,
-                           args=(text[:10_000], f"undecodable Huey message: {exc}"), kwargs={})
+            message = Message(**fields)
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            return _dead_letter_message(data, f"undecodable Huey message: {exc}")
+        problem = _shape_problem(message)
+        if problem:
+            priority = message.priority if isinstance(message.priority, int) else None
+            return _dead_letter_message(data, problem, priority)
+        return message
+
+
+class CoatiHuey(Huey):
+    def dequeue(self) -> Any:
+        """A message Huey cannot turn into a task becomes a dead letter: left to
+        Huey, it would be logged, never run, and given back to the queue forever."""
+        data = self.storage.dequeue()
+        if data is None:
+            return None
+        try:
+            return self.deserialize_task(data)
+        except Exception as exc:  # noqa: BLE001 - anything Huey's registry raises
+            reason = f"unreadable Huey message: {type(exc).__name__}: {exc}"
+            return self._registry.create_task(_dead_letter_message(data, reason))
+
+    def ready_to_run(self, task: Any, timestamp: Any = None) -> bool:
+        """Always: the storage moves a delayed job into the queue only when due. Huey's
+        own check would put a queued job back into the schedule when the clocks of
+        machines sharing the directory differ, leaving its reservation un-acked."""
+        return True
 
 
 class HueyDriver(QueueDriver):
@@ -84,8 +133,8 @@ class HueyDriver(QueueDriver):
         return self._huey
 
     def _build_huey(self) -> Huey:
-        huey = Huey("coati", results=False, utc=True, serializer=JSONMessageSerializer(),
-                    storage_class=QueueFileStorage, path=self.path)
+        huey = CoatiHuey("coati", results=False, utc=True, serializer=JSONMessageSerializer(),
+                         storage_class=QueueFileStorage, path=self.path)
         huey.task(name=EXECUTE_TASK, retries=0)(self._run_envelope)
         huey.task(name=DEAD_LETTER_TASK, retries=0)(self._dead_letter)
         return huey
@@ -95,14 +144,23 @@ class HueyDriver(QueueDriver):
             self.in_flight += 1
         try:
             self.execute(envelope)
+        except Exception:
+            # ``execute`` never raises by contract; an error escaping it would escape
+            # every redelivery too, so the message is done with rather than looped.
+            self.huey.storage.ack()
+            raise
         finally:
             with self._in_flight_lock:
                 self.in_flight -= 1
+        # Acked only once the job ran: a SIGKILL or os._exit before this line leaves
+        # the file reserved for reclaim. (KeyboardInterrupt/SystemExit skip it too.)
+        self.huey.storage.ack()
 
     def _dead_letter(self, raw: str, error: str) -> None:
         from ..core.exceptions import InvalidJob
 
         self.middleware.after("after_invalid_message", self, raw, InvalidJob(error))
+        self.huey.storage.ack()
 
     # -- primitives -------------------------------------------------------
     def _encode(self, job: Job) -> tuple[bytes, int]:
@@ -120,13 +178,14 @@ class HueyDriver(QueueDriver):
             eta = (datetime.datetime.fromtimestamp(job.eta, datetime.timezone.utc)
                    if job.eta else None)
             if eta and eta > now:
-                delayed.append((data, eta.replace(tzinfo=None)))  # Huey keeps naive UTC
+                # Huey keeps naive UTC
+                delayed.append((data, eta.replace(tzinfo=None), priority, job.id))
             else:
-                ready.append((data, priority))
+                ready.append((data, priority, job.id))
         if ready:
             storage.enqueue_many(ready)
-        for data, eta in delayed:
-            storage.add_to_schedule(data, eta)
+        for data, eta, priority, job_id in delayed:
+            storage.add_to_schedule(data, eta, priority=priority, job_id=job_id)
 
     def queue_depths(self) -> dict[str, dict[str, int]]:
         storage = self.huey.storage
@@ -135,16 +194,17 @@ class HueyDriver(QueueDriver):
             queue = self._queue_of_priority.get(priority)
             if queue:
                 depths[queue]["queued"] += count
-        for data in storage.scheduled_items():
-            message = self.huey.serializer.deserialize(data)
-            queue = self._queue_of_priority.get(message.priority or 0)
+        for priority, count in storage.scheduled_by_priority().items():
+            queue = self._queue_of_priority.get(priority)
             if queue:
-                depths[queue]["delayed"] += 1
+                depths[queue]["delayed"] += count
         return depths
 
     def start_consumer(self, queues: list[str], threads: int, **options: Any) -> "HueyConsumer":
         huey = self.huey
         huey.storage.only_priorities({self._priority[q] for q in queues})
+        # Before taking new work: what a killed worker (or a whole killed group) held.
+        self.maintain()
         consumer = huey.create_consumer(
             workers=threads, worker_type=options.get("worker_type") or "thread", periodic=False,
             initial_delay=options.get("poll_ms", 5) / 1000, backoff=1.15,
@@ -159,11 +219,27 @@ class HueyDriver(QueueDriver):
     def purge(self, queues: Iterable[str] | None = None) -> int:
         wanted = {self._priority[q] for q in (queues or self.settings.QUEUES)}
         storage = self.huey.storage
+        return storage.purge_priorities(wanted) + storage.purge_scheduled(wanted)
 
-        def doomed(data: bytes) -> bool:
-            return (self.huey.serializer.deserialize(data).priority or 0) in wanted
+    # -- delivery ---------------------------------------------------------
+    def missing_jobs(self, jobs: list[tuple[str, int, str]]) -> set[str]:
+        """One listing of schedule, queue and reservations per call (job ids are in
+        the file names), whatever the number of jobs asked about."""
+        if not jobs:
+            return set()
+        try:
+            present = self.huey.storage.present_job_ids()
+        except OSError as exc:
+            raise StorageUnavailable(f"Cannot list the Huey directory {self.path}: {exc}") from exc
+        return {job_id for job_id, _, _ in jobs} - present
 
-        return storage.purge_priorities(wanted) + storage.purge_scheduled(doomed)
+    def maintain(self) -> int:
+        """Give back the reservations of dead workers (their flock is free); the
+        storage logs each dead worker's, the caller the total."""
+        try:
+            return self.huey.storage.reclaim_lost()
+        except OSError as exc:
+            raise StorageUnavailable(f"Cannot reclaim reservations in {self.path}: {exc}") from exc
 
 
 class HueyConsumer:
@@ -176,5 +252,13 @@ class HueyConsumer:
 
     def stop(self, graceful: bool = True) -> None:
         self.consumer.stop(graceful=graceful)
+        # Only Huey's signal; no handler of ours acts on it, and reservations stay
+        # with the files (given back below or by the next worker).
         self.driver.huey.notify_interrupted_tasks()
+        environment = self.consumer.environment
+        if graceful and not any(environment.is_alive(process)
+                                for _, process in self.consumer.worker_threads):
+            # Every task finished and acked: drop the (empty) reservation folder now
+            # rather than leave it for the next worker's reclaim.
+            self.driver.huey.storage.release_reservations()
         logger.debug("Huey consumer in pid %s stopped", os.getpid())
