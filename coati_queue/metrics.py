@@ -3,8 +3,8 @@
 A fresh ``CollectorRegistry`` per scrape with one custom collector: nothing is
 kept in process memory, so every web process answers the same numbers (the
 task records are the source of truth) and nothing leaks between tests.
-Every query is a GROUP BY with a bounded result: per task name or per
-queue. Counters add the tallies of deleted records (``tallies.py``), so a
+Every query is a GROUP BY with a bounded result: per task name, per
+queue or per dead-letter source. Counters add the tallies of deleted records (``tallies.py``), so a
 TTL cleanup never makes one go down.
 """
 
@@ -39,6 +39,7 @@ class QueueCollector:
         yield from self.queue_depths()
         yield self.workers_alive()
         yield from self.batches()
+        yield self.dead_letters()
 
     def task_counts(self) -> Iterator[Metric]:
         """Counters and the duration histogram: live records plus tallies of deleted ones."""
@@ -101,6 +102,18 @@ class QueueCollector:
         for pk, total, succeeded, failed in active:
             ratio.add_metric([str(pk)], (succeeded + failed) / total if total else 0.0)
         yield ratio
+
+    def dead_letters(self) -> Metric:
+        """Labelled by source only: task names and queues in a dead letter come from its
+        payload, which anyone able to write to the broker controls (unbounded series)."""
+        from .dead_letters import waiting_counts
+
+        gauge = GaugeMetricFamily("coati_queue_dead_letters", "Dead letters not requeued yet "
+                                  "(messages no worker could run), by where they were found.",
+                                  labels=["source"])
+        for source, count in sorted(waiting_counts().items()):
+            gauge.add_metric([source], count)
+        return gauge
 
 
 def render_metrics(now: datetime.datetime | None = None) -> bytes:

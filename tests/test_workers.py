@@ -12,7 +12,7 @@ import dramatiq
 import pytest
 
 from coati_queue.core.jobs import Job
-from coati_queue.models import TaskResult, WorkerHeartbeat
+from coati_queue.models import DeadLetter, TaskResult, WorkerHeartbeat
 from coati_queue.selection import get_queue_driver
 from tests.conftest import describe_failure
 from tests.testapp.models import Mark
@@ -107,19 +107,22 @@ def test_dead_letters_are_recorded_and_the_worker_carries_on(worker_backend, run
     completed = run_workers(name)
     assert completed.returncode == 0, describe_failure(completed)
 
-    undecodable = TaskResult.objects.filter(status="failed", error__startswith="Undecodable")
-    assert undecodable.count() == 1, list(TaskResult.objects.values("task_name", "error"))
-    record = undecodable.get()
+    # A dead letter (tests/test_dead_letters.py), not a failed task record.
+    undecodable = DeadLetter.objects.exclude(task_name="tests.no_such_task")
+    assert undecodable.count() == 1, list(DeadLetter.objects.values("task_name", "reason"))
+    letter = undecodable.get()
     # Huey cannot even parse its own message; Dramatiq's is fine but its argument is no job.
     expected = "undecodable Huey message" if name == "huey" else "message is not valid JSON"
-    assert expected in record.error
-    assert record.backend == name
+    assert expected in letter.reason
+    assert letter.backend == name
+    assert "this is not" in letter.payload
+    assert not TaskResult.objects.filter(error__startswith="Undecodable").exists()
 
-    missing = TaskResult.objects.get(pk=unknown.id)
-    assert missing.status == "failed"
-    assert "tests.no_such_task" in missing.error
-    assert "is registered" in missing.error
-    assert missing.attempts == 1  # an unknown task is not retried
+    # An unknown task is a dead letter too: requeueable once a release registers it.
+    missing = DeadLetter.objects.get(task_id=unknown.id)
+    assert missing.task_name == "tests.no_such_task"
+    assert "is registered" in missing.reason
+    assert not TaskResult.objects.filter(pk=unknown.id).exists()  # never run, not retried
 
     assert driver.get_task_result(valid)["status"] == "completed"
     assert driver.get_task_result(valid)["result"] == 21
