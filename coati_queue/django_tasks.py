@@ -12,6 +12,13 @@ they differ from coati's: no automatic retries (a failure is final), the
 return value is normalised to JSON, and ``run_after`` defers the task.
 Queues default to ``COATI_QUEUE["QUEUES"]``; Django's per-task ``priority``
 is refused (coati orders work by queue, not by a number inside a queue).
+
+The dotted path travels in the message, so the worker treats it as untrusted:
+it imports only a path inside an installed app's package, and runs only a
+``django.tasks.Task`` of this backend found there (``resolve_task``). Anything
+else fails the task with ``RefusedTaskPath``; a path outside the installed apps
+is refused before any import. ``enqueue`` applies the same rule, so a task the
+workers would refuse is refused at once.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 from traceback import format_exception
 from typing import Any
 
+from django.apps import apps
 from django.core.exceptions import ValidationError
 from django.tasks.backends.base import BaseTaskBackend
 from django.tasks.base import (Task as DjangoTask, TaskContext, TaskError, TaskResult,
@@ -45,6 +53,50 @@ STATUS_OF_RECORD = {
 }
 
 
+class RefusedTaskPath(InvalidTask):
+    """A message or record names something that is not a Django task this backend runs."""
+
+
+def _inside_installed_app(module_path: str) -> bool:
+    return any(module_path.startswith(f"{config.name}.") for config in apps.get_app_configs())
+
+
+def resolve_task(module_path: Any) -> DjangoTask:
+    """The Django task at ``module_path``, imported only from inside an installed app.
+
+    The path comes from a message (or a record written from one): importing any
+    path would let a planted message import any module and call any function.
+    """
+    parts = module_path.split(".") if isinstance(module_path, str) else []
+    if len(parts) < 2 or not all(p.isidentifier() and not p.startswith("__") for p in parts):
+        raise RefusedTaskPath(f"{module_path!r} is not the dotted path of a Django task.")
+    if not _inside_installed_app(module_path):
+        raise RefusedTaskPath(
+            f"{module_path!r} is not inside an installed app: coati_queue runs only Django "
+            "tasks defined in the modules of INSTALLED_APPS (refused without importing it).")
+    try:
+        target = import_string(module_path)
+    except ImportError as exc:
+        raise RefusedTaskPath(f"{module_path!r} cannot be imported: {exc}") from None
+    if not isinstance(target, DjangoTask):
+        raise RefusedTaskPath(f"{module_path!r} is a {type(target).__name__}, not a Django task "
+                              "(a function decorated with @django.tasks.task).")
+    backend = target.get_backend()
+    if not isinstance(backend, CoatiTaskBackend):
+        raise RefusedTaskPath(f"{module_path!r} is a task of the {target.backend!r} backend "
+                              f"({type(backend).__name__}), not of coati_queue's.")
+    return target
+
+
+def _message_parts(values: Any) -> tuple[str, list, dict]:
+    """``(module_path, args, kwargs)`` of a runner message or record, checked for shape."""
+    if not (isinstance(values, (list, tuple)) and len(values) == 3
+            and isinstance(values[1], list) and isinstance(values[2], dict)):
+        raise RefusedTaskPath("A Django task message carries (module_path, args list, kwargs "
+                              f"dict); got {values!r:.200}.")
+    return values[0], values[1], values[2]
+
+
 class CoatiTaskBackend(BaseTaskBackend):
     supports_defer = True
     supports_get_result = True
@@ -66,6 +118,8 @@ class CoatiTaskBackend(BaseTaskBackend):
 
     def enqueue(self, task: DjangoTask, args: Any, kwargs: Any) -> TaskResult:
         self.validate_task(task)
+        # Not in validate_task: Django calls that at definition time, before apps are ready.
+        resolve_task(task.module_path)  # what the worker will accept, refused here first
         args, kwargs = normalize_json(list(args)), normalize_json(dict(kwargs))
         delay = None
         if task.run_after is not None:
@@ -84,9 +138,9 @@ class CoatiTaskBackend(BaseTaskBackend):
             record = TaskRecord.objects.get(pk=result_id, task_name=RUNNER_NAME)
         except (TaskRecord.DoesNotExist, ValidationError):  # ValidationError: not a UUID
             raise TaskResultDoesNotExist(result_id) from None
-        module_path, args, kwargs = record.args
+        module_path, args, kwargs = _message_parts(record.args)
         result = TaskResult(
-            task=import_string(module_path), id=str(record.pk),
+            task=resolve_task(module_path), id=str(record.pk),
             status=STATUS_OF_RECORD.get(record.status, TaskResultStatus.READY),
             enqueued_at=record.enqueued_at, started_at=record.started_at,
             finished_at=record.finished_at, last_attempted_at=record.started_at,
@@ -106,8 +160,13 @@ def exception_class_path(traceback: str) -> str:
 
 
 def run_django_task(module_path: str, args: list, kwargs: dict) -> Any:
-    """The worker side: call the Django task, sending Django's task signals."""
-    task: DjangoTask = import_string(module_path)
+    """The worker side: call the Django task, sending Django's task signals.
+
+    Raises ``RefusedTaskPath`` (the record ends failed) for anything ``resolve_task``
+    refuses: the message, not our code, chose the path.
+    """
+    module_path, args, kwargs = _message_parts((module_path, args, kwargs))
+    task = resolve_task(module_path)
     job = get_current_job()
     now = timezone.now()
     result = TaskResult(task=task, id=job.id if job else "", status=TaskResultStatus.RUNNING,

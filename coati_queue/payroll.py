@@ -16,18 +16,36 @@ The host project supplies the payroll domain through ``COATI_QUEUE["PAYROLL"]``:
 Each employee has a ``PayrollItem``; workers receive them in chunks (one
 task per ``CHUNK_SIZE`` items) so 10,000 employees are ~100 messages and a
 few bulk writes each, while status, attempts, errors and retries stay per
-employee. An item is claimed by a conditional UPDATE and its outcome is
-written only while the claim holds, so a chunk delivered twice writes and
-counts each employee once; the line itself is unique per (batch, employee).
+employee.
+
+Delivery is at least once (a chunk may run twice, or again after the worker
+that first ran it died), so every effect goes through a claim:
+
+* a claim is a lease: ``claimed_by`` (the chunk's job id) and
+  ``claim_expires_at`` (now + ``BATCH_CLAIM_TTL``). A chunk takes items that are
+  pending, its own (a redelivery of the same job), or whose lease expired
+  (their worker died);
+* an outcome is written, and counted, only while the item is still claimed by
+  the writer, in one transaction with the counter update, so two runs of a
+  chunk, or two chunks racing over an expired lease, count each employee once;
+  the host's line is unique per (batch, employee) as well;
+* :func:`reconcile_batches` (called from every worker's periodic reconciler)
+  re-enqueues what no chunk will run any more and finishes batches whose last
+  chunk died between counting and finishing.
+
+Callbacks are names of registered tasks, checked when the batch is created and
+again when they fire; nothing from a message or a batch row is ever imported.
 """
 
 from __future__ import annotations
 
 import datetime
+import inspect
 import logging
+import time
 import traceback
 import uuid
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Hashable, Iterable
 
 from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import F, Q
@@ -36,15 +54,19 @@ from django.utils.module_loading import import_string
 from django.utils.translation import gettext as _
 
 from .conf import get_settings
-from .core.exceptions import CoatiQueueError, TaskNotRegistered
+from .core.exceptions import CoatiQueueError
+from .core.jobs import Job, new_job_id
 from .core.middleware import get_current_job
 from .core.tasks import Task, registry
-from .models import BatchStatus, ItemStatus, PayrollBatch, PayrollItem
+from .models import (BatchStatus, ItemStatus, PayrollBatch, PayrollItem, TaskResult,
+                     TaskStatus)
 
 logger = logging.getLogger("coati_queue.payroll")
 
 DEFAULT_CHUNK_SIZE = 100
 CALLBACK_KINDS = ("complete", "success", "failure")
+#: A task record in one of these states may still run (and claim items).
+LIVE_TASK_STATES = (TaskStatus.PENDING, TaskStatus.PROCESSING)
 
 
 class PayrollError(CoatiQueueError):
@@ -72,6 +94,7 @@ class PayrollNotConfigured(PayrollError):
 
 # -- configuration --------------------------------------------------------
 def _hook(name: str, required: bool = True) -> Callable[..., Any] | None:
+    """The host's function named in settings (trusted: never a path from a message or row)."""
     path = get_settings().PAYROLL.get(name)
     if not path:
         if required:
@@ -105,13 +128,14 @@ def parse_period(inicio: Any, fin: Any) -> tuple[datetime.date, datetime.date]:
     return start, end
 
 
-def _check_callback(target: str) -> None:
-    if target and target not in registry:
-        try:
-            import_string(target)
-        except ImportError:
-            raise PayrollError(f"Callback {target!r} is neither a registered task nor an "
-                               "importable dotted path.") from None
+def _check_callback(kind: str, target: Any) -> None:
+    """Only registered task names: a dotted path would let a batch row import anything."""
+    if target in ("", None):
+        return
+    if not isinstance(target, str) or target not in registry:
+        raise PayrollError(
+            f"The on_{kind} callback {target!r} is not a registered task. Pass the name of a "
+            "task registered with @coati_queue.task (it receives batch_id=...).")
 
 
 # -- starting -------------------------------------------------------------
@@ -120,8 +144,8 @@ def create_batch(planilla_id: str, periodo_inicio: Any, periodo_fin: Any, *, usu
                  on_failure: str = "") -> PayrollBatch:
     """Create the batch record, refusing a second active one for the same period."""
     start, end = parse_period(periodo_inicio, periodo_fin)
-    for target in (on_complete, on_success, on_failure):
-        _check_callback(target)
+    for kind, target in zip(CALLBACK_KINDS, (on_complete, on_success, on_failure)):
+        _check_callback(kind, target)
     if requested_by is None and usuario:
         from django.contrib.auth import get_user_model
 
@@ -133,7 +157,8 @@ def create_batch(planilla_id: str, periodo_inicio: Any, periodo_fin: Any, *, usu
                 planilla_id=str(planilla_id), periodo_inicio=start, periodo_fin=end,
                 requested_by=requested_by, requested_by_name=usuario or (
                     requested_by.get_username() if requested_by else ""),
-                on_complete=on_complete, on_success=on_success, on_failure=on_failure)
+                on_complete=on_complete or "", on_success=on_success or "",
+                on_failure=on_failure or "")
     except IntegrityError:
         active = PayrollBatch.objects.active().filter(
             planilla_id=str(planilla_id), periodo_inicio=start, periodo_fin=end).first()
@@ -173,16 +198,32 @@ def start_payroll_batch(planilla_id: str, periodo_inicio: Any, periodo_fin: Any,
 
 
 def process_payroll_parallel(planilla_id: str, periodo_inicio: str, periodo_fin: str,
-                             usuario: str = "", batch_id: int | None = None,
-                             on_complete: str = "", on_success: str = "",
-                             on_failure: str = "") -> dict[str, Any]:
-    """Task body: list the active employees, create one item each, enqueue chunks."""
-    if batch_id is None:
-        batch = create_batch(planilla_id, periodo_inicio, periodo_fin, usuario=usuario,
-                             on_complete=on_complete, on_success=on_success,
-                             on_failure=on_failure)
-    else:
-        batch = PayrollBatch.objects.get(pk=batch_id)
+                             usuario: str = "", batch_id: int | None = None) -> dict[str, Any]:
+    """Task body: list the active employees, create one item each, enqueue chunks.
+
+    It takes no callbacks: they come only from the batch row, which
+    ``start_payroll_batch`` validated, so a planted message naming one fails
+    with a TypeError before anything runs.
+    """
+    if batch_id is not None:
+        return _fan_out(PayrollBatch.objects.get(pk=batch_id))
+    # Origin-design call: the batch is created here, in one transaction with its fan-out
+    # and with the link from this task's record to it. A worker dying half-way leaves
+    # nothing; a delivery after our commit finds the link and creates no second batch.
+    job_id = _current_job_uuid()
+    with transaction.atomic():
+        linked = (TaskResult.objects.filter(pk=job_id, batch__isnull=False)
+                  .values_list("batch_id", flat=True).first() if job_id else None)
+        if linked is not None:
+            batch = PayrollBatch.objects.get(pk=linked)
+        else:
+            batch = create_batch(planilla_id, periodo_inicio, periodo_fin, usuario=usuario)
+            if job_id is not None:
+                TaskResult.objects.filter(pk=job_id).update(batch=batch)
+        return _fan_out(batch)
+
+
+def _fan_out(batch: PayrollBatch) -> dict[str, Any]:
     if batch.status != BatchStatus.PENDING:
         return {"batch_id": batch.pk, "status": batch.status, "total": batch.total}
     try:
@@ -192,8 +233,9 @@ def process_payroll_parallel(planilla_id: str, periodo_inicio: str, periodo_fin:
         message = str(exc).strip("'\"") or f"Planilla not found: {batch.planilla_id}"
         if not message.lower().startswith("planilla not found"):
             message = f"Planilla not found: {message}"
-        if batch.mark_failed(message):
-            fire_callbacks(batch)
+        with transaction.atomic():
+            if batch.mark_failed(message):
+                fire_callbacks(batch)
         return {"batch_id": batch.pk, "status": BatchStatus.FAILED, "error": message}
     with transaction.atomic():
         PayrollItem.objects.bulk_create(
@@ -203,8 +245,8 @@ def process_payroll_parallel(planilla_id: str, periodo_inicio: str, periodo_fin:
             return {"batch_id": batch.pk, "status": batch.status, "total": batch.total}
         item_ids = list(batch.items.order_by("pk").values_list("pk", flat=True))
         enqueue_chunks(batch, item_ids)
-    if not employee_ids and batch.finish_if_done():
-        fire_callbacks(batch)
+    if not employee_ids:
+        finish_and_notify(batch)
     return {"batch_id": batch.pk, "status": BatchStatus.RUNNING, "total": len(employee_ids)}
 
 
@@ -216,53 +258,106 @@ def enqueue_chunks(batch: PayrollBatch, item_ids: list[int]) -> list[str]:
     return calculate_payroll_chunk_task.send_many(calls, batch_id=batch.pk)
 
 
+def _current_job_uuid() -> uuid.UUID | None:
+    """The running job's id as a UUID (None outside a task or for a malformed id)."""
+    job = get_current_job()
+    if job is None:
+        return None
+    try:
+        return uuid.UUID(str(job.id))
+    except ValueError:
+        return None
+
+
+def _lease_end(now: datetime.datetime) -> datetime.datetime:
+    return now + datetime.timedelta(seconds=get_settings().BATCH_CLAIM_TTL)
+
+
 # -- one chunk of employees -----------------------------------------------
 def calculate_payroll_chunk(batch_id: int, item_ids: list[int]) -> dict[str, int]:
     """Task body: claim the items, compute them, record outcomes once."""
-    job = get_current_job()
-    claim = uuid.UUID(job.id) if job else uuid.uuid4()
+    job_id = _current_job_uuid()
+    claim = job_id or uuid.uuid4()
     batch = PayrollBatch.objects.get(pk=batch_id)
-    items = claim_items(batch, item_ids, claim)
-    if not items:
-        return {"batch_id": batch_id, "succeeded": 0, "failed": 0, "skipped": len(item_ids)}
-    results, errors = compute(batch, [employee for _, employee in items])
-    succeeded, failed = record_item_outcomes(batch, items, claim, results, errors)
-    if batch.finish_if_done():
-        fire_callbacks(batch)
+    items = claim_items(batch, item_ids, claim, record=job_id is not None)
+    if items:
+        pks = [pk for pk, _ in items]
+        results, errors = compute(batch, [employee for _, employee in items],
+                                  renew=lambda: renew_claims(pks, claim))
+        succeeded, failed = record_item_outcomes(batch, items, claim, results, errors)
+    else:
+        succeeded = failed = 0
+    # Also when nothing was ours: the run that counted the last items may have died
+    # before finishing the batch (a redelivery then finishes it).
+    finish_and_notify(batch)
     return {"batch_id": batch_id, "succeeded": succeeded, "failed": failed,
             "skipped": len(item_ids) - len(items)}
 
 
-def claim_items(batch: PayrollBatch, item_ids: Iterable[int],
-                claim: uuid.UUID) -> list[tuple[int, str]]:
-    """Take the pending items (or ours again, on redelivery); returns (pk, employee)."""
-    claimable = Q(status=ItemStatus.PENDING) | Q(status=ItemStatus.PROCESSING, claimed_by=claim)
-    task_exists = get_current_job() is not None
+def _lease_expired(now: datetime.datetime) -> Q:
+    # No expiry at all: claimed before leases existed; treated as expired (a lost claim
+    # would otherwise hold its items for ever, and writes stay claim-checked anyway).
+    return Q(status=ItemStatus.PROCESSING) & (Q(claim_expires_at__lt=now)
+                                              | Q(claim_expires_at__isnull=True))
+
+
+def claim_items(batch: PayrollBatch, item_ids: Iterable[int], claim: uuid.UUID, *,
+                record: bool | None = None) -> list[tuple[int, str]]:
+    """Lease the items this chunk may run; returns (pk, employee) of those now ours.
+
+    Claimable: pending (whoever reserved it), ours already (this job delivered
+    again), or processing under an expired lease (its worker died). The UPDATE
+    is the check, so two chunks racing over the same items never both win one.
+    ``record``: link the items to the task record ``claim`` (default: inside a task).
+    """
+    if record is None:
+        record = _current_job_uuid() is not None
+    now = timezone.now()
+    claimable = (Q(status=ItemStatus.PENDING)
+                 | Q(status=ItemStatus.PROCESSING, claimed_by=claim) | _lease_expired(now))
+    item_ids = list(item_ids)
     with transaction.atomic():
-        if batch.status == BatchStatus.CANCELLED:
+        if PayrollBatch.objects.filter(pk=batch.pk, status=BatchStatus.CANCELLED).exists():
             return []
         PayrollItem.objects.filter(claimable, pk__in=item_ids, batch=batch).update(
-            status=ItemStatus.PROCESSING, claimed_by=claim, started_at=timezone.now(),
-            attempts=F("attempts") + 1, **({"task_id": claim} if task_exists else {}))
+            status=ItemStatus.PROCESSING, claimed_by=claim, claim_expires_at=_lease_end(now),
+            started_at=now, attempts=F("attempts") + 1, **({"task_id": claim} if record else {}))
         items = list(PayrollItem.objects.filter(
             pk__in=item_ids, status=ItemStatus.PROCESSING, claimed_by=claim
         ).values_list("pk", "employee_id"))
-        if task_exists and items:
+        if record and items:
             through = PayrollItem.tasks.through
             through.objects.bulk_create([through(payrollitem_id=pk, taskresult_id=claim)
                                          for pk, _ in items], ignore_conflicts=True)
     return items
 
 
-def compute(batch: PayrollBatch, employee_ids: list[str]) -> tuple[dict, dict]:
-    """Run the host's calculation; per-employee errors are data, DB errors retry the chunk."""
+def renew_claims(item_pks: list[int], claim: uuid.UUID) -> int:
+    """Extend our lease on items still ours, so a long chunk is not taken over while alive."""
+    now = timezone.now()
+    return PayrollItem.objects.filter(pk__in=item_pks, status=ItemStatus.PROCESSING,
+                                      claimed_by=claim).update(claim_expires_at=_lease_end(now))
+
+
+def compute(batch: PayrollBatch, employee_ids: list[str], *,
+            renew: Callable[[], Any] | None = None) -> tuple[dict, dict]:
+    """Run the host's calculation; per-employee errors are data, DB errors retry the chunk.
+
+    ``renew`` is called between employees once a third of the lease has passed
+    (the per-employee path; a ``CALCULATE_MANY`` call must fit in the lease).
+    """
     args = (batch.planilla_id, batch.periodo_inicio, batch.periodo_fin)
     many = _hook("CALCULATE_MANY", required=False)
     if many is not None:
         return many(employee_ids, *args, batch_id=batch.pk, usuario=batch.requested_by_name)
     one = _hook("CALCULATE_EMPLOYEE")
     results, errors = {}, {}
+    renew_every = get_settings().BATCH_CLAIM_TTL / 3
+    renewed = time.monotonic()
     for employee in employee_ids:
+        if renew is not None and time.monotonic() - renewed >= renew_every:
+            renew()
+            renewed = time.monotonic()
         try:
             results[employee] = one(employee, *args, batch_id=batch.pk,
                                     usuario=batch.requested_by_name)
@@ -283,7 +378,13 @@ def describe_error(error: BaseException | str) -> tuple[str, str]:
 
 def record_item_outcomes(batch: PayrollBatch, items: list[tuple[int, str]], claim: uuid.UUID,
                          results: dict, errors: dict) -> tuple[int, int]:
-    """Write outcomes of items still claimed by us; count only those (exactly once)."""
+    """Write outcomes of items still claimed by us; count only those (exactly once).
+
+    The check, the writes and the counters are one transaction (rows locked where
+    the database can; SQLite's write lock is taken at BEGIN), so a second run of
+    the chunk, or a chunk that took over an expired lease, finds the items no
+    longer ``processing`` under its claim and writes nothing.
+    """
     now = timezone.now()
     with transaction.atomic():
         still_ours = set(PayrollItem.objects.select_for_update().filter(
@@ -297,14 +398,15 @@ def record_item_outcomes(batch: PayrollBatch, items: list[tuple[int, str]], clai
             error, trace = ("", "") if ok else describe_error(
                 errors.get(employee, "no result returned for this employee"))
             updates.append(PayrollItem(
-                pk=pk, batch=batch, employee_id=employee, finished_at=now,
+                pk=pk, batch=batch, employee_id=employee, finished_at=now, claim_expires_at=None,
                 status=ItemStatus.SUCCEEDED if ok else ItemStatus.FAILED,
                 result=results[employee] if ok else None, error=error, traceback=trace))
         # One INSERT .. ON CONFLICT(id) DO UPDATE: every row exists, so this is a
         # bulk update by primary key without bulk_update's per-row CASE expressions.
         PayrollItem.objects.bulk_create(
             updates, batch_size=500, update_conflicts=True, unique_fields=["id"],
-            update_fields=["status", "error", "traceback", "result", "finished_at"])
+            update_fields=["status", "error", "traceback", "result", "finished_at",
+                           "claim_expires_at"])
         succeeded = sum(1 for u in updates if u.status == ItemStatus.SUCCEEDED)
         failed = len(updates) - succeeded
         batch.record_outcomes(succeeded=succeeded, failed=failed)
@@ -329,15 +431,60 @@ def calculate_employee_payroll(empleado_id: str, planilla_id: str, periodo_inici
     return item.result
 
 
-# -- resume, cancel, callbacks --------------------------------------------
+# -- re-enqueueing: retry, reconcile ---------------------------------------
+def _reserve_and_build(batch: PayrollBatch, candidates: list[tuple[int, Hashable]],
+                       condition: Callable[[Hashable], Q], now: datetime.datetime,
+                       ) -> list[Job]:
+    """Reserve candidate items for new chunk jobs, each item for at most one job.
+
+    ``candidates`` are ``(pk, key)``; ``condition(key)`` is the state the item was
+    read in. Each chunk's job id is stamped on its items (``claimed_by``, status
+    ``pending``, a fresh lease) by an UPDATE conditioned on that state: a
+    compare-and-swap, so of two processes that read the same items only the first
+    wins them and the other builds no job for them. The job then takes its items
+    as pending (or as its own on redelivery). Returns the jobs to dispatch.
+    """
+    from .selection import get_queue_driver
+
+    driver = get_queue_driver()
+    size = _chunk_size()
+    candidates = sorted(candidates, key=lambda c: c[0])
+    jobs = []
+    for start in range(0, len(candidates), size):
+        job_id = uuid.UUID(new_job_id())
+        by_key: dict[Hashable, list[int]] = {}
+        for pk, key in candidates[start:start + size]:
+            by_key.setdefault(key, []).append(pk)
+        won = 0
+        for key, pks in by_key.items():
+            won += PayrollItem.objects.filter(condition(key), pk__in=pks, batch=batch).update(
+                status=ItemStatus.PENDING, claimed_by=job_id, claim_expires_at=_lease_end(now))
+        if won:
+            ids = list(PayrollItem.objects.filter(batch=batch, claimed_by=job_id,
+                                                  status=ItemStatus.PENDING)
+                       .order_by("pk").values_list("pk", flat=True))
+            jobs.append(driver.build_job(
+                calculate_payroll_chunk_task, [], {"batch_id": batch.pk, "item_ids": ids},
+                batch_id=batch.pk, task_id=str(job_id)))
+    return jobs
+
+
+def _dispatch(jobs: list[Job]) -> None:
+    from .selection import get_queue_driver
+
+    get_queue_driver().dispatch(jobs)
+
+
 def retry_failed_items(batch: PayrollBatch) -> int:
     """Failed items back to pending and re-enqueued alone; the batch runs again."""
+    now = timezone.now()
     with transaction.atomic():
-        ids = list(batch.items.filter(status=ItemStatus.FAILED).values_list("pk", flat=True))
-        if not ids:
+        failed = [(pk, None) for pk in
+                  batch.items.filter(status=ItemStatus.FAILED).values_list("pk", flat=True)]
+        if not failed:
             return 0
-        moved = PayrollItem.objects.filter(pk__in=ids, status=ItemStatus.FAILED).update(
-            status=ItemStatus.PENDING, claimed_by=None)
+        jobs = _reserve_and_build(batch, failed, lambda _: Q(status=ItemStatus.FAILED), now)
+        moved = sum(len(job.kwargs["item_ids"]) for job in jobs)
         try:
             with transaction.atomic():
                 # A cancelled batch's cancelled items never run, so it could never finish:
@@ -354,9 +501,112 @@ def retry_failed_items(batch: PayrollBatch) -> int:
             raise PayrollError(_("Batch #%(id)s was cancelled; its failed items cannot be "
                                  "retried. Start a new batch for the period instead.")
                                % {"id": batch.pk})
-        enqueue_chunks(batch, ids)
+        _dispatch(jobs)
     batch.refresh_from_db()
     return moved
+
+
+def _items_of_live_chunks(batch: PayrollBatch) -> set[int]:
+    """Items listed by a chunk task record that may still run (pending or processing)."""
+    live: set[int] = set()
+    for kwargs in TaskResult.objects.filter(
+            batch=batch, task_name=CHUNK_TASK_NAME,
+            status__in=LIVE_TASK_STATES).values_list("kwargs", flat=True):
+        ids = kwargs.get("item_ids") if isinstance(kwargs, dict) else None
+        if isinstance(ids, list):
+            live.update(i for i in ids if isinstance(i, int))
+    return live
+
+
+def _expired_without_live_claimer(batch: PayrollBatch,
+                                  now: datetime.datetime) -> list[tuple[int, Hashable]]:
+    """Items under an expired lease whose claiming task will not run again.
+
+    A claimer whose record is still pending or processing is left alone: the
+    delivery reconciler re-sends that very job (its worker was lost) and it takes
+    its own items back, so re-enqueueing them too would only duplicate the work.
+    """
+    rows = list(batch.items.filter(_lease_expired(now)).values_list("pk", "claimed_by"))
+    if not rows:
+        return []
+    claimers = {claimed_by for _, claimed_by in rows if claimed_by is not None}
+    alive = set(TaskResult.objects.filter(pk__in=claimers, status__in=LIVE_TASK_STATES)
+                .values_list("pk", flat=True)) if claimers else set()
+    return [(pk, ("lease", claimed_by)) for pk, claimed_by in rows if claimed_by not in alive]
+
+
+def reconcile_batches(now: datetime.datetime | None = None) -> dict[str, int]:
+    """Recover running batches that delivery failures left stalled; safe to run anywhere.
+
+    For each running batch:
+
+    * items ``processing`` under an expired lease whose claiming task will not run
+      again (its record ended, e.g. failed after its worker was lost too often, or
+      there is no record) and items ``pending`` that no pending or processing chunk
+      record lists any more are re-enqueued as new chunks;
+    * a batch whose counters reached its total but is still running (the last
+      chunk died between counting and finishing) is finished, callbacks fired once.
+
+    Several workers run this at once. The reads are plain; the re-enqueue is a
+    compare-and-swap per item (see ``_reserve_and_build``): the item must still be
+    in the state read (same status and ``claimed_by``; for a lease, still
+    expired) and is then stamped with the new chunk's job id in the transaction
+    that creates that chunk's task record. A reconciler that read stale rows wins
+    nothing and enqueues nothing; the winner's record lists the items, so later
+    passes see them as live. The job id as the stamp (rather than a batch-level
+    timestamp) guards each item on its own, needs no extra column, and lets the
+    new chunk take its items back as its own if it is delivered twice.
+    """
+    now = now or timezone.now()
+    report = {"batches": 0, "expired": 0, "orphaned": 0, "chunks": 0, "finished": 0}
+    for batch in PayrollBatch.objects.running():
+        report["batches"] += 1
+        expired = _expired_without_live_claimer(batch, now)
+        pending = list(batch.items.filter(status=ItemStatus.PENDING)
+                       .values_list("pk", "claimed_by"))
+        orphaned: list[tuple[int, Hashable]] = []
+        if pending:
+            live = _items_of_live_chunks(batch)
+            orphaned = [(pk, ("pending", claimed_by)) for pk, claimed_by in pending
+                        if pk not in live]
+        if expired or orphaned:
+            def was(key: Hashable) -> Q:
+                state, claimed_by = key
+                same = (Q(claimed_by__isnull=True) if claimed_by is None
+                        else Q(claimed_by=claimed_by))
+                return same & (_lease_expired(now) if state == "lease"
+                               else Q(status=ItemStatus.PENDING))
+
+            with transaction.atomic():
+                jobs = _reserve_and_build(batch, expired + orphaned, was, now)
+                _dispatch(jobs)
+            taken = {pk for job in jobs for pk in job.kwargs["item_ids"]}
+            report["expired"] += sum(1 for pk, _ in expired if pk in taken)
+            report["orphaned"] += sum(1 for pk, _ in orphaned if pk in taken)
+            report["chunks"] += len(jobs)
+            if jobs:
+                logger.warning("Payroll batch #%s: re-enqueued %d stalled item(s) in %d "
+                               "chunk(s)", batch.pk, len(taken), len(jobs))
+        # The counters as read above: a batch finished by its last chunk since then is
+        # left alone by finish_if_done's condition; a stale "not done" waits a pass.
+        if batch.total <= batch.succeeded + batch.failed and finish_and_notify(batch):
+            report["finished"] += 1
+    return report
+
+
+# -- finish, cancel, callbacks ---------------------------------------------
+def finish_and_notify(batch: PayrollBatch) -> bool:
+    """Finish a batch whose items are all processed, and send its callbacks, atomically.
+
+    One transaction: the callback task records are created with the status change
+    and sent on commit, so a crash leaves either neither or both (a record whose
+    message was lost is re-sent by the delivery reconciler).
+    """
+    with transaction.atomic():
+        if not batch.finish_if_done():
+            return False
+        fire_callbacks(batch)
+    return True
 
 
 def cancel_batch(batch: PayrollBatch) -> bool:
@@ -365,12 +615,16 @@ def cancel_batch(batch: PayrollBatch) -> bool:
                                  BatchStatus.CANCELLED, finished_at=timezone.now()):
             return False
         batch.items.filter(status=ItemStatus.PENDING).update(status=ItemStatus.CANCELLED)
-    fire_callbacks(batch)
+        fire_callbacks(batch)
     return True
 
 
 def fire_callbacks(batch: PayrollBatch) -> list[str]:
-    """Fire each configured callback that is due, exactly once per batch and kind."""
+    """Send each due callback task, exactly once per batch and kind.
+
+    Only registered task names are sent (never imported): a batch row naming
+    anything else, set before this rule or written directly, is logged and skipped.
+    """
     due = {"complete": batch.on_complete,
            "success": batch.on_success if batch.status == BatchStatus.COMPLETED else "",
            "failure": batch.on_failure if batch.status in (
@@ -378,31 +632,35 @@ def fire_callbacks(batch: PayrollBatch) -> list[str]:
     fired = []
     for kind in CALLBACK_KINDS:
         target = due[kind]
-        if target and batch.claim_callback(kind):
-            _call(target, batch.pk)
-            fired.append(kind)
+        if not target:
+            continue
+        if target not in registry:
+            logger.error("Payroll batch #%s: on_%s callback %r is not a registered task; "
+                         "not sent.", batch.pk, kind, target)
+            continue
+        with transaction.atomic():  # the claim and the task record commit together
+            if batch.claim_callback(kind):
+                registry.get(target).send(batch_id=batch.pk)
+                fired.append(kind)
     return fired
-
-
-def _call(target: str, batch_id: int) -> None:
-    try:
-        registry.get(target).send(batch_id=batch_id)
-    except TaskNotRegistered:
-        import_string(target)(batch_id)
 
 
 # -- registered tasks -----------------------------------------------------
 class PayrollTask(Task):
-    """A task whose ``send`` validates the period first, so a bad date fails at once."""
+    """A task whose ``send`` checks its arguments first, so a bad call fails at once."""
 
     def send_with_options(self, *, args: Iterable[Any] = (), kwargs: dict | None = None,
                           **options: Any) -> str:
-        kwargs = dict(kwargs or {})
+        args, kwargs = list(args), dict(kwargs or {})
         if "periodo_inicio" in kwargs or "periodo_fin" in kwargs:
             parse_period(kwargs.get("periodo_inicio"), kwargs.get("periodo_fin"))
+        # A worker would fail it with the same TypeError (e.g. on_complete=, which the
+        # fan-out no longer takes): refused here, before anything is queued.
+        inspect.signature(self.func).bind(*args, **kwargs)
         return super().send_with_options(args=args, kwargs=kwargs, **options)
 
 
+CHUNK_TASK_NAME = "coati.payroll.calculate_chunk"
 _transient = (DatabaseError,)
 process_payroll_parallel_task = registry.register(
     process_payroll_parallel, "process_payroll_parallel", task_class=PayrollTask,
@@ -411,5 +669,5 @@ calculate_employee_payroll_task = registry.register(
     calculate_employee_payroll, "calculate_employee_payroll", task_class=PayrollTask,
     max_retries=3, retry_on=_transient)
 calculate_payroll_chunk_task = registry.register(
-    calculate_payroll_chunk, "coati.payroll.calculate_chunk", max_retries=5,
+    calculate_payroll_chunk, CHUNK_TASK_NAME, max_retries=5,
     min_backoff=500, max_backoff=30_000, retry_on=_transient)

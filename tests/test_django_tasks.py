@@ -9,12 +9,15 @@ back from the task record, as another process would.
 from __future__ import annotations
 
 import datetime
+import os
+import sys
 
 import pytest
 
 pytest.importorskip("django.tasks", reason="django.tasks exists from Django 6.0")
 
 from django.tasks import TaskResultStatus, task_backends  # noqa: E402
+from django.tasks import task as django_task  # noqa: E402
 from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist  # noqa: E402
 from django.tasks.signals import task_enqueued  # noqa: E402
 from django.utils import timezone  # noqa: E402
@@ -93,3 +96,77 @@ def test_what_the_backend_refuses(backend):
     with pytest.raises(TaskResultDoesNotExist):
         task_backends["default"].get_result("not-a-task-id")
     assert not TaskRecord.objects.exists()
+
+
+# -- the path in the message is untrusted -------------------------------------------------
+def _planted(module_path, args=(), kwargs=None):
+    """A runner message written straight to the broker (no enqueue, no check at send)."""
+    from coati_queue.core.jobs import Job
+    from coati_queue.django_tasks import RUNNER_NAME
+
+    return Job(task=RUNNER_NAME, args=[module_path, list(args), dict(kwargs or {})],
+               queue="default", max_retries=0)
+
+
+def test_planted_messages_naming_other_paths_are_refused_before_any_import(
+        backend, tmp_path, monkeypatch):
+    """A module outside the installed apps is never imported (its import would leave a
+    file); inside an app, only a Django task of this backend runs."""
+    imported, called = tmp_path / "imported", tmp_path / "called"
+    (tmp_path / "coati_planted_mod.py").write_text(
+        f"open({str(imported)!r}, 'w').close()\n"
+        f"def run(*args, **kwargs):\n    open({str(called)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # importable here and in the workers
+    touched = tmp_path / "touched"
+    planted = {
+        "coati_planted_mod.run": "not inside an installed app",
+        "os.system": "not inside an installed app",
+        "builtins.print": "not inside an installed app",
+        "tests.testapp.tasks.add": "not a Django task",     # a coati task, not django.tasks
+        "tests.testapp.django_task_defs.os": "cannot be imported",
+        "tests.testapp.__init__.x": "not the dotted path",
+        "": "not the dotted path",
+    }
+    jobs = [_planted(path, [f"touch {touched}"]) for path in planted]
+    jobs.append(_planted(42))
+    backend.driver.send(jobs)
+    if backend.queues_work:
+        from tests.conftest import REPO_ROOT, describe_failure
+
+        completed = backend.runner(backend.name, env={
+            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(tmp_path)])})
+        assert completed.returncode == 0, describe_failure(completed)
+    for job, expected in zip(jobs, [*planted.values(), "not the dotted path"]):
+        record = TaskRecord.objects.get(pk=job.id)
+        assert record.status == "failed", (job.args[0], record.error)
+        assert "RefusedTaskPath" in record.traceback, record.traceback
+        assert expected in record.error, (job.args[0], record.error)
+    assert not imported.exists() and not called.exists() and not touched.exists()
+    assert "coati_planted_mod" not in sys.modules
+    # The refused records cannot be read back as Django results either (no import there).
+    with pytest.raises(InvalidTask, match="not inside an installed app"):
+        task_backends["default"].get_result(jobs[0].id)
+    assert not imported.exists()
+
+
+@django_task
+def defined_outside_the_installed_apps():
+    return "never"
+
+
+def test_enqueue_refuses_a_task_the_workers_would_refuse(backend):
+    with pytest.raises(InvalidTask, match="not inside an installed app"):
+        defined_outside_the_installed_apps.enqueue()
+    assert not TaskRecord.objects.exists()
+
+
+def test_a_task_of_another_backend_is_refused_by_the_runner(settings, monkeypatch):
+    from coati_queue.django_tasks import RefusedTaskPath, run_django_task
+
+    settings.TASKS = {**settings.TASKS,
+                      "other": {"BACKEND": "django.tasks.backends.dummy.DummyBackend"}}
+    elsewhere = defs.add_numbers.using(backend="other")
+    monkeypatch.setattr(defs, "add_numbers_elsewhere", elsewhere, raising=False)
+    with pytest.raises(RefusedTaskPath, match="'other' backend"):
+        run_django_task("tests.testapp.django_task_defs.add_numbers_elsewhere", [1, 2], {})
+    assert run_django_task("tests.testapp.django_task_defs.add_numbers", [1, 2], {}) == 3

@@ -44,9 +44,6 @@ CHUNK_TASK = "coati.payroll.calculate_chunk"
 TASK_CALLBACKS = {"on_complete": "tests.payroll_on_complete",
                   "on_success": "tests.payroll_on_success",
                   "on_failure": "tests.payroll_on_failure"}
-DOTTED_CALLBACKS = {"on_complete": "tests.testapp.tasks.payroll_plain_complete",
-                    "on_success": "tests.testapp.tasks.payroll_plain_success",
-                    "on_failure": "tests.testapp.tasks.payroll_plain_failure"}
 WORKER_ARGS = ("--processes", "2", "--threads", "8")
 
 
@@ -365,10 +362,19 @@ def test_unknown_planilla_fails_the_batch(immediate):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_unknown_callback_is_refused_at_start(immediate):
-    with pytest.raises(PayrollError, match="no.such.callback"):
-        start_payroll_batch("x", START, END, on_complete="no.such.callback")
+@pytest.mark.parametrize("kind", ["on_complete", "on_success", "on_failure"])
+@pytest.mark.parametrize("target", [
+    "no.such.callback",
+    "tests.testapp.tasks.payroll_plain_complete",  # importable, but not a registered task
+    "os.system",
+])
+def test_callback_that_is_not_a_registered_task_is_refused_at_start(immediate, kind, target):
+    with pytest.raises(PayrollError, match="not a registered task") as caught:
+        start_payroll_batch("x", START, END, **{kind: target})
+    assert repr(target) in str(caught.value)
+    assert kind in str(caught.value)
     assert not PayrollBatch.objects.exists()
+    assert not TaskResult.objects.exists()
 
 
 # -- cancel ---------------------------------------------------------------------------------
@@ -428,13 +434,11 @@ def test_failed_items_of_a_cancelled_batch_cannot_be_retried(huey):
 
 # -- callbacks ------------------------------------------------------------------------------
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize("callbacks", [TASK_CALLBACKS, DOTTED_CALLBACKS],
-                         ids=["registered-tasks", "dotted-paths"])
-def test_callbacks_fire_exactly_once(immediate, settings, callbacks):
+def test_callbacks_fire_exactly_once(immediate, settings):
     settings.COATI_QUEUE = {**settings.COATI_QUEUE,
                             "PAYROLL": {**settings.COATI_QUEUE["PAYROLL"], "CHUNK_SIZE": 7}}
     make_planilla("pl_callbacks", 30)
-    batch = start_payroll_batch("pl_callbacks", START, END, **callbacks)
+    batch = start_payroll_batch("pl_callbacks", START, END, **TASK_CALLBACKS)
     batch.refresh_from_db()
     assert batch.status == BatchStatus.COMPLETED
     assert TaskResult.objects.filter(batch=batch, task_name=CHUNK_TASK).count() == 5
