@@ -125,7 +125,7 @@ def throughput_svg(minutes: list[Minute]) -> SafeString:
 
 def _stats_without_broker(settings: Any, driver: Any = None) -> dict[str, Any]:
     """Counts and workers from the database when the broker cannot be asked."""
-    from .stats import task_counts_by_queue, worker_rows
+    from .stats import dead_letter_counts, task_counts_by_queue, worker_rows
 
     counts = task_counts_by_queue()
     workers = worker_rows(settings.WORKER_LOST_AFTER)
@@ -137,7 +137,8 @@ def _stats_without_broker(settings: Any, driver: Any = None) -> dict[str, Any]:
               for name in settings.QUEUES}
     about = {"backend": driver.name, "reason": driver.reason, "location": driver.describe()} \
         if driver is not None else {"backend": "", "reason": "", "location": ""}
-    return {**about, "queues": queues, "workers": workers}
+    return {**about, "queues": queues, "workers": workers,
+            "dead_letters": dead_letter_counts(), "degraded": []}
 
 
 def overview_context() -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Queue statistics for ``manage.py queuestats`` and the admin overview.
 
 :func:`collect_stats` is the one place that gathers them: broker depths from
-the driver, task counts from ``TaskResult`` (one grouped query) and workers
-from ``WorkerHeartbeat`` (one query). Everything returned is plain JSON
+the driver, task counts from ``TaskResult`` (one grouped query), workers
+from ``WorkerHeartbeat`` (one query) and dead letters waiting for a person
+(one grouped query). Everything returned is plain JSON
 (strings, numbers, lists, dicts) and holds no password.
 """
 
@@ -14,20 +15,47 @@ from typing import Any
 from django.db.models import Count
 from django.utils import timezone
 
+from .dead_letters import waiting_counts
 from .models import TaskResult, TaskStatus, WorkerHeartbeat
 
 QUEUE_COLUMNS = ("queued", "delayed", "processing", "finished", "failed", "workers")
 MAX_WORKERS_LISTED = 100
 
 
+#: The key of ``task_counts_by_queue()`` that counts records waiting in the outbox.
+UNSENT = "unsent"
+
+
 def task_counts_by_queue() -> dict[str, dict[str, int]]:
-    """``{queue: {status: n}}`` from one ``GROUP BY queue, status`` query."""
-    counts: dict[str, dict[str, int]] = defaultdict(dict)
-    rows = (TaskResult.objects.order_by().values_list("queue", "status")
+    """``{queue: {status: n, "unsent": n}}`` from one ``GROUP BY queue, status, unsent``."""
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    rows = (TaskResult.objects.order_by().values_list("queue", "status", "unsent")
             .annotate(n=Count("id")))
-    for queue, status, n in rows:
-        counts[queue][status] = n
+    for queue, status, unsent, n in rows:
+        counts[queue][status] += n
+        if unsent:
+            counts[queue][UNSENT] += n
     return counts
+
+
+def degraded_state(driver: Any, counts: dict[str, dict[str, int]]) -> list[str]:
+    """What is running in a degraded way right now, in words an operator can act on."""
+    from .fallback import waiting_in_fallback
+
+    settings = driver.settings
+    findings = []
+    if driver.name == "huey" and settings.BACKEND == "auto" and settings.REDIS_URL:
+        findings.append("Redis did not answer when this process started: it runs on the Huey "
+                        "fallback. Restart it once Redis is back; Dramatiq workers move the "
+                        "fallback's jobs to Redis.")
+    unsent = sum(by_status.get(UNSENT, 0) for by_status in counts.values())
+    if unsent:
+        findings.append(f"{unsent} task(s) wait in the outbox: the broker refused them after "
+                        "commit; workers send them when it answers.")
+    for path, jobs in waiting_in_fallback(driver).items():
+        findings.append(f"{jobs} job(s) wait on the Huey fallback at {path}; Dramatiq workers "
+                        "move them to Redis.")
+    return findings
 
 
 def worker_rows(lost_after: float, now=None) -> list[dict[str, Any]]:
@@ -43,6 +71,12 @@ def worker_rows(lost_after: float, now=None) -> list[dict[str, Any]]:
         "last_seen": beat.last_seen.isoformat(),
         "alive": beat.is_alive(lost_after, now),
     } for beat in heartbeats]
+
+
+def dead_letter_counts() -> dict[str, Any]:
+    """Dead letters not requeued yet: how many, and from where (worker, broker, file)."""
+    by_source = waiting_counts()
+    return {"waiting": sum(by_source.values()), "by_source": by_source}
 
 
 def collect_stats(driver: Any) -> dict[str, Any]:
@@ -69,4 +103,6 @@ def collect_stats(driver: Any) -> dict[str, Any]:
         "location": driver.describe(),
         "queues": queues,
         "workers": workers,
+        "dead_letters": dead_letter_counts(),
+        "degraded": degraded_state(driver, counts),
     }

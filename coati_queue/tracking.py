@@ -21,13 +21,17 @@ import uuid
 from typing import TYPE_CHECKING, Any, Iterable
 
 from django.core.exceptions import ValidationError
-from django.db import DatabaseError, connections, router, transaction
+from django.db import (DatabaseError, DataError, IntegrityError, connections, router,
+                       transaction)
 from django.db.models import Count
 from django.utils import timezone
 
-from .core.jobs import Job, peek_job_fields
+from .claims import Claimer, ClaimRefused, fail_lost
+from .core.exceptions import InvalidJob, SkipJob
+from .core.jobs import Job
 from .core.middleware import Middleware
 from .models import FINISHED_TASK_STATES, TaskResult, TaskStatus
+from .reconcile import OutboxRelay
 
 if TYPE_CHECKING:
     from .conf import QueueSettings
@@ -37,7 +41,7 @@ logger = logging.getLogger("coati_queue.tracking")
 UPSERT_FIELDS = ("id", "task_name", "queue", "backend", "status", "args", "kwargs", "result",
                  "error", "traceback", "attempts", "max_retries", "enqueued_at", "eta",
                  "started_at", "finished_at", "duration_seconds", "expires_at", "worker_id",
-                 "batch")
+                 "batch", "unsent", "lost_count", "resends")
 UPDATED_ON_CONFLICT = ("status", "result", "error", "traceback", "attempts", "finished_at",
                        "duration_seconds", "expires_at", "worker_id")
 
@@ -53,10 +57,14 @@ def record_from_job(job: Job, backend: str, **state: Any) -> dict[str, Any]:
         "error": "", "traceback": "", "attempts": 0, "max_retries": job.max_retries,
         "enqueued_at": _when(job.enqueued_at), "eta": _when(job.eta), "started_at": None,
         "finished_at": None, "duration_seconds": None, "expires_at": None, "worker_id": "",
-        "batch": job.batch_id,
+        "batch": job.batch_id, "unsent": False, "lost_count": 0, "resends": 0,
     }
     row.update(state)
     return row
+
+
+#: States kept in memory per process while the database refuses writes.
+MAX_BUFFERED = 100_000
 
 
 class StateBuffer:
@@ -79,6 +87,10 @@ class StateBuffer:
                 self._thread = threading.Thread(target=self._loop, name="coati-tracking",
                                                 daemon=True)
                 self._thread.start()
+        # Written as soon as the previous write is done (states that arrive meanwhile
+        # share the next statement): the shorter an outcome waits in memory, the fewer
+        # finished tasks a SIGKILL leaves looking unfinished (and run again).
+        self._wake.set()
 
     def _loop(self) -> None:
         while True:
@@ -99,12 +111,39 @@ class StateBuffer:
                 return 0
             try:
                 write_states(rows)
+            except (IntegrityError, DataError):
+                write_states_one_by_one(rows)  # one bad row must not hold back the rest
             except DatabaseError:
                 with self._lock:  # keep them for the next flush, newer states win
                     for row in rows:
                         self._rows.setdefault(row["id"], row)
+                    self._bound()
                 raise
             return len(rows)
+
+    def _bound(self) -> None:
+        """While the database is down, keep at most ``MAX_BUFFERED`` states (the
+        newest); the reconciler repairs records whose last state was dropped."""
+        excess = len(self._rows) - MAX_BUFFERED
+        if excess > 0:
+            for key in list(self._rows)[:excess]:
+                del self._rows[key]
+            logger.error("Tracking buffer full: dropped the %d oldest task states", excess)
+
+
+def write_states_one_by_one(rows: list[dict[str, Any]]) -> None:
+    """Each row alone; a row the database still refuses is written without its batch
+    link (the usual cause: a batch id that does not exist), else dropped and logged."""
+    for row in rows:
+        for attempt in (row, {**row, "batch": None}):
+            try:
+                write_states([attempt])
+                break
+            except (IntegrityError, DataError) as exc:
+                refused = exc
+        else:
+            logger.error("Task state of %s refused by the database, dropped: %s", row["id"],
+                         refused)
 
 
 def write_states(rows: list[dict[str, Any]]) -> None:
@@ -155,6 +194,8 @@ class TrackingMiddleware(Middleware):
     def __init__(self, settings: "QueueSettings"):
         self.settings = settings
         self.buffer = StateBuffer(settings.TRACKING_FLUSH_INTERVAL)
+        self.claimer = Claimer()
+        self.relay = OutboxRelay()
         self.worker_id = ""
         self._started: dict[str, datetime.datetime] = {}
 
@@ -165,10 +206,28 @@ class TrackingMiddleware(Middleware):
 
     def before_execute(self, driver: Any, job: Job) -> None:
         started = timezone.now()
+        row = record_from_job(job, driver.name, status=TaskStatus.PROCESSING,
+                              attempts=job.attempt, started_at=started, worker_id=self.worker_id)
+        if driver.runs_in_caller:  # one delivery, in the sender: nothing to race with
+            self._started[job.id] = started
+            self.buffer.put(row)
+            return
+        try:
+            lost_count = self.claimer.claim(row)
+        except ClaimRefused as exc:
+            raise InvalidJob(str(exc)) from None
+        except DatabaseError:
+            # The database stayed unavailable: run it anyway (at-least-once) rather than
+            # drop it; its states are buffered and written when the database is back.
+            logger.exception("Could not claim task record %s; running it unclaimed", job.id)
+            self.buffer.put(row)
+            lost_count = 0
+        if lost_count is None:
+            raise SkipJob("its record is already claimed, finished, or at a later attempt")
+        if lost_count >= self.settings.WORKER_LOST_LIMIT:
+            fail_lost(uuid.UUID(job.id), lost_count, self.settings.FAILURE_TTL)
+            raise SkipJob(f"its worker was lost {lost_count} times; marked failed")
         self._started[job.id] = started  # one worker thread per job id at a time
-        self.buffer.put(record_from_job(job, driver.name, status=TaskStatus.PROCESSING,
-                                        attempts=job.attempt, started_at=started,
-                                        worker_id=self.worker_id))
 
     def after_execute(self, driver: Any, job: Job, *, result: Any = None,
                       exception: BaseException | None = None, retry_in_ms: int | None = None,
@@ -193,19 +252,31 @@ class TrackingMiddleware(Middleware):
             self.buffer.flush()  # the next attempt may start on another worker
 
     def after_invalid_message(self, driver: Any, raw: Any, error: BaseException) -> None:
-        peek = peek_job_fields(raw)
+        """A ``DeadLetter`` a person can read and requeue, not a task record: the
+        message has no trustworthy task id, and its record could not be retried."""
+        from . import dead_letters
+
+        # The Huey driver hands over the text of a queue file its serializer could not read.
+        unreadable_file = (getattr(driver, "name", "") == "huey" and isinstance(raw, str)
+                           and str(error).startswith("undecodable Huey message"))
         try:
-            task_id = uuid.UUID(peek.get("id", ""))
-        except ValueError:
-            task_id = uuid.uuid4()
-        text = raw if isinstance(raw, str) else repr(raw)
-        now = timezone.now()
-        TaskResult.objects.update_or_create(id=task_id, defaults={
-            "task_name": peek.get("task") or "<undecodable>", "queue": peek.get("queue", ""),
-            "backend": driver.name, "status": TaskStatus.FAILED, "kwargs": {"raw": text[:10_000]},
-            "error": f"Undecodable message: {error}", "finished_at": now, "worker_id": self.worker_id,
-            "expires_at": now + datetime.timedelta(seconds=self.settings.FAILURE_TTL),
-        })
+            dead_letters.record(raw, str(error) or repr(error),
+                                backend=getattr(driver, "name", ""),
+                                source="huey-file" if unreadable_file else "worker",
+                                seen_by=self.worker_id)
+        except DatabaseError:
+            # Never into the worker: the message is consumed, so the log keeps what it was.
+            logger.exception("Could not record a dead letter (%s); the message began: %r",
+                             error, raw[:2000] if isinstance(raw, (str, bytes)) else type(raw))
+
+    def after_enqueue(self, driver: Any, jobs: list[Job]) -> None:
+        self.relay.after_successful_send(driver)
+
+    def send_failed(self, driver: Any, jobs: list[Job], error: BaseException) -> None:
+        # Autocommit, outside the caller's (committed) transaction: the outbox mark.
+        TaskResult.objects.filter(pk__in=[uuid.UUID(job.id) for job in jobs],
+                                  status=TaskStatus.PENDING).update(unsent=True)
+        self.relay.mark()
 
     def flush(self, driver: Any) -> None:
         self.buffer.flush()

@@ -1,8 +1,19 @@
 """One worker process: start the driver's native consumer, heartbeat, burst, signals.
 
 SIGTERM/SIGINT once: stop taking work, let in-flight tasks finish (Dramatiq
-gives unacked messages back to Redis), flush tracking, exit 0. Twice: exit
-at once with status 1.
+gives unacked messages back to Redis), flush tracking, exit 0. SIGQUIT, or a
+second SIGTERM/SIGINT to a worker run on its own: exit at once with status 1;
+what was in flight is given back by the broker (Huey reservation, Redis ack
+timeout) and re-run. A child of ``runworkers --processes N`` ignores repeats
+of SIGTERM/SIGINT: a signal sent to the whole process group (systemd's
+``KillMode=control-group``, Ctrl-C) reaches it twice, once from the kernel and
+once forwarded by its supervisor, and must still mean one graceful stop; the
+supervisor turns a real second signal into SIGQUIT.
+
+Besides the consumer, a maintenance thread runs every ``RECONCILE_INTERVAL``:
+the outbox relay and the reconciler (``coati_queue.reconcile``), stalled
+batches, dead letters the broker refused, jobs left in a Huey fallback
+directory, and the deletion of expired records.
 """
 
 from __future__ import annotations
@@ -19,8 +30,8 @@ from typing import Any
 from django.db import DatabaseError, connections
 from django.utils import timezone
 
+from .core.exceptions import BackendUnavailable
 from .models import WorkerHeartbeat
-from .tracking import delete_expired
 
 logger = logging.getLogger("coati_queue.worker")
 
@@ -29,7 +40,8 @@ BURST_IDLE_CHECKS = 3
 
 class WorkerProcess:
     def __init__(self, driver: Any, queues: list[str], threads: int, *, burst: bool = False,
-                 worker_type: str | None = None, poll_ms: int | None = None):
+                 worker_type: str | None = None, poll_ms: int | None = None,
+                 supervised: bool = False):
         unknown = [q for q in queues if q not in driver.settings.QUEUES]
         if unknown:
             raise ValueError(f"Unknown queue(s) {', '.join(unknown)}; "
@@ -41,17 +53,22 @@ class WorkerProcess:
         self.worker_type = worker_type
         self.poll_ms = poll_ms
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.supervised = supervised
         self.stopping = threading.Event()
-        self._signals = 0
-        self._cleaner: threading.Thread | None = None
+        self._maintenance: threading.Thread | None = None
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self._signals += 1
-        if self._signals > 1:
-            logger.warning("Second %s: exiting now.", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if signum == signal.SIGQUIT or (self.stopping.is_set() and not self.supervised):
+            logger.warning("%s: exiting now; in-flight tasks are given back and run again.",
+                           name)
             os._exit(1)
-        logger.info("%s received: finishing in-flight tasks (send again to exit now).",
-                    signal.Signals(signum).name)
+        if self.stopping.is_set():
+            logger.info("%s again: already finishing in-flight tasks (SIGQUIT exits now).",
+                        name)
+            return
+        logger.info("%s received: finishing in-flight tasks (%s to exit now).", name,
+                    "SIGQUIT" if self.supervised else "send again")
         self.stopping.set()
 
     def run(self) -> int:
@@ -59,7 +76,7 @@ class WorkerProcess:
         if self.poll_ms is not None:
             options["poll_ms"] = self.poll_ms
         consumer = self.driver.start_consumer(self.queues, self.threads, **options)
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             signal.signal(signum, self._on_signal)
         self.driver.middleware.before("worker_started", self.driver, self)
         logger.info("Worker %s consuming %s with %d thread(s) on %s", self.worker_id,
@@ -69,6 +86,7 @@ class WorkerProcess:
             self._loop(consumer)
         finally:
             consumer.stop(graceful=True)
+            self._collect_dead_letters()
             self.driver.middleware.after("worker_stopped", self.driver, self)
             self._beat(stopped=True)
             connections.close_all()
@@ -76,28 +94,62 @@ class WorkerProcess:
         return 0
 
     def _loop(self, consumer: Any) -> None:
-        interval = self.driver.settings.HEARTBEAT_INTERVAL
-        cleanup_every = self.driver.settings.CLEANUP_INTERVAL or float("inf")
+        settings = self.driver.settings
+        interval = settings.HEARTBEAT_INTERVAL
+        upkeep_every = min(interval, settings.REDIS_HEARTBEAT_TIMEOUT / 3)
         next_beat = time.monotonic() + interval
-        next_cleanup = time.monotonic() + cleanup_every
+        next_upkeep = time.monotonic() + upkeep_every
+        self._maintenance = threading.Thread(target=self._maintain_loop, name="coati-maintenance",
+                                             daemon=True)
+        self._maintenance.start()
         idle_checks = 0
         while not self.stopping.wait(0.1):
             now = time.monotonic()
             if now >= next_beat:
                 self._beat()
                 next_beat = now + interval
-            if now >= next_cleanup and not (self._cleaner and self._cleaner.is_alive()):
-                # In a thread: deleting a large backlog of expired records must not
-                # hold back the heartbeat, or the overview would show this worker lost.
-                self._cleaner = threading.Thread(target=self._cleanup, name="coati-cleanup",
-                                                 daemon=True)
-                self._cleaner.start()
-                next_cleanup = now + cleanup_every
+            if now >= next_upkeep:
+                self._upkeep()
+                next_upkeep = now + upkeep_every
             if self.burst:
                 idle_checks = idle_checks + 1 if self._nothing_left(consumer) else 0
                 if idle_checks >= BURST_IDLE_CHECKS:
                     logger.info("Burst: queues %s are empty, stopping.", ",".join(self.queues))
                     return
+
+    def _collect_dead_letters(self) -> None:
+        """What the consumer dead-lettered since the last maintenance pass (a burst
+        worker may stop before that pass comes round)."""
+        from .dead_letters import collect_broker_dead_letters
+
+        try:
+            collect_broker_dead_letters(self.driver, seen_by=self.worker_id)
+        except (DatabaseError, BackendUnavailable) as exc:
+            logger.warning("Collecting dead letters at exit failed: %s", exc)
+        finally:
+            connections.close_all()
+
+    def _upkeep(self) -> None:
+        """The broker's side of leases: heartbeat our reservations, free dead workers'."""
+        try:
+            given_back = self.driver.maintain()
+        except BackendUnavailable as exc:
+            logger.warning("Broker upkeep failed: %s", exc)
+            return
+        if given_back:
+            logger.warning("Gave back %d job(s) reserved by dead workers.", given_back)
+
+    def _maintain_loop(self) -> None:
+        """Relay, reconciler, batches, dead letters, cleanup: in their own thread, so a
+        long pass never delays the heartbeat (the overview would show this worker lost)."""
+        from .maintenance import run_due_tasks
+
+        settings = self.driver.settings
+        schedule: dict[str, float] = {}
+        while not self.stopping.is_set():
+            run_due_tasks(self.driver, schedule, settings)
+            self.stopping.wait(min(max(settings.RECONCILE_INTERVAL, 0.05), 1.0)
+                               if settings.RECONCILE_INTERVAL else 1.0)
 
     def _nothing_left(self, consumer: Any) -> bool:
         if not consumer.is_idle():
@@ -127,13 +179,3 @@ class WorkerProcess:
             logger.exception("Could not write the heartbeat of %s", self.worker_id)
         finally:
             connections.close_all()
-
-    def _cleanup(self) -> None:
-        try:
-            deleted = delete_expired()
-            if deleted:
-                logger.info("Deleted %d expired task records.", deleted)
-        except DatabaseError:
-            logger.exception("Deleting expired task records failed")
-        finally:
-            connections.close_all()  # this thread's own connection

@@ -148,6 +148,16 @@ def clean_queue_env(monkeypatch, tmp_path_factory):
     reset_queue()
 
 
+@pytest.fixture(autouse=True)
+def reset_language():
+    """A request with ``Accept-Language: es`` leaves Spanish active in this thread
+    (LocaleMiddleware never deactivates); the next test starts in English again."""
+    yield
+    from django.utils import translation
+
+    translation.deactivate()
+
+
 @pytest.fixture
 def queue_env(monkeypatch) -> Callable[..., None]:
     """``queue_env(REDIS_URL=..., COATI_QUEUE_PATH=..., QUEUE_ENABLED="0")``; None unsets.

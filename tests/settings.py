@@ -4,6 +4,7 @@ A file (not :memory:) database, so worker subprocesses started by the tests
 see what the test process wrote.
 """
 
+import json
 import os
 import tempfile
 
@@ -73,6 +74,9 @@ COATI_QUEUE = {
                                          "example_project.payroll.services.calculate_many"),
     },
 }
+# Worker subprocesses of the fault battery (tests/test_faults.py) get shortened delivery
+# settings (heartbeats, reconcile intervals, chunk size) through the environment.
+COATI_QUEUE.update(json.loads(os.environ.get("COATI_TEST_QUEUE_OVERRIDES", "{}")))
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -80,7 +80,8 @@ def test_json_output_has_the_documented_shape_and_counts(stats_backend):
     name, driver, secret = stats_backend
     populate(driver)
     data = json.loads(queuestats("--json"))
-    assert set(data) == {"backend", "reason", "location", "queues", "workers"}
+    assert set(data) == {"backend", "reason", "location", "queues", "workers", "dead_letters",
+                         "degraded"}
     assert data["backend"] == name
     assert data["reason"] == driver.reason
     assert data["location"] == driver.describe()
@@ -196,6 +197,6 @@ def test_interval_refreshes_until_interrupted(queue_env, huey_path, monkeypatch)
 def test_collect_stats_uses_two_queries(stats_backend, django_assert_num_queries):
     name, driver, _ = stats_backend
     populate(driver)
-    with django_assert_num_queries(2):  # task counts (one GROUP BY) + heartbeats
+    with django_assert_num_queries(3):  # task counts, dead letters (one GROUP BY each) + heartbeats
         stats = collect_stats(driver)
     assert stats["queues"] == EXPECTED_QUEUES

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Protocol
 from django.db import transaction
 
 from ..conf import QueueSettings
+from ..core.exceptions import BackendUnavailable
 from ..core.execution import execute
 from ..core.jobs import Job, ensure_json_arguments, new_job_id
 from ..core.middleware import Middleware, MiddlewareStack
@@ -86,8 +87,8 @@ class QueueDriver:
     def build_job(self, task: Task, args: list, kwargs: dict, *, queue: str | None = None,
                   delay: float | None = None, batch_id: int | None = None,
                   task_id: str | None = None) -> Job:
-        ensure_json_arguments(task.name, args, kwargs)
         s, o = self.settings, task.options
+        ensure_json_arguments(task.name, args, kwargs, max_size=s.MAX_MESSAGE_SIZE)
         queue = queue or o.queue or s.DEFAULT_QUEUE
         if queue not in s.QUEUES:
             raise ValueError(f"Task {task.name!r} was sent to unknown queue {queue!r}; "
@@ -106,13 +107,20 @@ class QueueDriver:
         )
 
     def dispatch(self, jobs: list[Job], *, on_commit: bool | None = None) -> None:
-        """Track, then send now or when the surrounding transaction commits."""
+        """Track, then send now or when the surrounding transaction commits.
+
+        Inside a transaction the records are the outbox: written with the caller's
+        rows, sent after commit. A broker error then does not reach the caller (its
+        commit already happened): the records are marked unsent and the relay sends
+        them when the broker answers. Outside a transaction, records and send succeed
+        or fail together and ``BackendUnavailable`` tells the caller at once.
+        """
         if not jobs:
             return
         wait = self.settings.ENQUEUE_ON_COMMIT if on_commit is None else on_commit
         if wait and transaction.get_connection().in_atomic_block:
             self.middleware.before("before_enqueue", self, jobs, strict=True)
-            transaction.on_commit(lambda: self._send_now(jobs))
+            transaction.on_commit(lambda: self._send_after_commit(jobs), robust=True)
         elif self.runs_in_caller:
             self.middleware.before("before_enqueue", self, jobs, strict=True)
             self._send_now(jobs)
@@ -128,9 +136,24 @@ class QueueDriver:
         self.send(jobs)
         self.middleware.after("after_enqueue", self, jobs)
 
+    def _send_after_commit(self, jobs: list[Job]) -> None:
+        try:
+            self.send(jobs)
+        except BackendUnavailable as exc:
+            logger.warning("The broker refused %d job(s) after commit (%s); they wait in the "
+                           "outbox for the relay.", len(jobs), exc)
+            self.middleware.after("send_failed", self, jobs, exc)
+            return
+        self.middleware.after("after_enqueue", self, jobs)
+
     def requeue(self, job: Job, delay_ms: int) -> None:
         """Another attempt of ``job`` after ``delay_ms`` (called by the executor)."""
-        self.send([replace(job, eta=time.time() + delay_ms / 1000.0)])
+        jobs = [replace(job, eta=time.time() + delay_ms / 1000.0)]
+        try:
+            self.send(jobs)
+        except BackendUnavailable as exc:
+            logger.warning("Retry of job %s waits in the outbox: %s", job.id, exc)
+            self.middleware.after("send_failed", self, jobs, exc)
 
     # -- execution --------------------------------------------------------
     def execute(self, raw: Any) -> None:
@@ -165,7 +188,10 @@ class QueueDriver:
 
     # -- primitives -------------------------------------------------------
     def send(self, jobs: list[Job]) -> None:
-        """Hand jobs to the broker; a job with ``eta`` in the future is delayed."""
+        """Hand jobs to the broker; a job with ``eta`` in the future is delayed.
+
+        Raises ``BackendUnavailable`` (password masked) when the broker cannot take them.
+        """
         raise NotImplementedError
 
     def queue_depths(self) -> dict[str, dict[str, int]]:

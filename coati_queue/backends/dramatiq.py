@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from typing import Any, Iterable
 
 import dramatiq
@@ -21,15 +20,23 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import dq_name
 from dramatiq.middleware import ShutdownNotifications, TimeLimit
 
+from ..core.exceptions import BackendUnavailable
 from ..core.jobs import Job
-from ..redis_url import mask_redis_url
+from ..redis_url import error_text, mask_redis_url
 from .base import QueueDriver
+from .dramatiq_dead_letters import DeadLetteringRedisBroker
 
 logger = logging.getLogger("coati_queue")
 
 NAMESPACE = "coati"
 ACTOR_PREFIX = "coati."
 FIRST_FETCH_WAIT = 2.0  # seconds a starting worker waits for its consumers' first fetch
+
+
+def redis_message_id(job_id: str, attempt: int) -> str:
+    """Each attempt its own id: a retry is enqueued before the attempt that failed is
+    acked, and the ack deletes the body stored under the acked id."""
+    return f"{job_id}.{attempt}"
 
 
 class DramatiqDriver(QueueDriver):
@@ -53,8 +60,10 @@ class DramatiqDriver(QueueDriver):
         return self._broker
 
     def _build_broker(self) -> RedisBroker:
-        broker = RedisBroker(url=self.redis_url, namespace=NAMESPACE,
-                             middleware=[TimeLimit(), ShutdownNotifications()])
+        broker = DeadLetteringRedisBroker(
+            url=self.redis_url, namespace=NAMESPACE,
+            heartbeat_timeout=int(self.settings.REDIS_HEARTBEAT_TIMEOUT * 1000),
+            middleware=[TimeLimit(), ShutdownNotifications()])
         count = len(self.settings.QUEUES)
         for index, queue in enumerate(self.settings.QUEUES):
             # Dramatiq runs lower ``priority`` numbers first.
@@ -72,11 +81,35 @@ class DramatiqDriver(QueueDriver):
 
     # -- primitives -------------------------------------------------------
     def send(self, jobs: list[Job]) -> None:
-        if len(jobs) == 1:
-            message, delay = self._message(jobs[0])
-            self.broker.enqueue(message, delay=delay)
-            return
-        self._send_pipelined(jobs)
+        """All jobs in one Redis round trip, through the broker's own enqueue script.
+
+        Same keys and script as ``RedisBroker.enqueue``, issued on a pipeline, with
+        the Redis message id ``<job id>.<attempt>`` instead of a random one, so the
+        reconciler can ask Redis whether a task's message still exists.
+        """
+        try:
+            broker = self.broker
+            dispatch = broker.scripts["dispatch"]
+            pipe = self.client.pipeline(transaction=False)
+            now = int(time.time() * 1000)
+            for job in jobs:
+                message, delay = self._message(job)
+                queue_name = message.queue_name
+                options: dict[str, Any] = {"redis_message_id": redis_message_id(job.id,
+                                                                                 job.attempt)}
+                if delay:
+                    queue_name = dq_name(queue_name)
+                    options["eta"] = now + delay
+                message = message.copy(queue_name=queue_name, options=options)
+                dispatch(keys=[broker.namespace], client=pipe, args=[
+                    "enqueue", now, queue_name, broker.broker_id, broker.heartbeat_timeout,
+                    broker.dead_message_ttl, 0, broker._max_unpack_size(),
+                    options["redis_message_id"], message.encode(),
+                ])
+            pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            raise BackendUnavailable(f"Redis at {mask_redis_url(self.redis_url)} refused the "
+                                     f"send: {error_text(exc, self.redis_url)}") from None
 
     def _message(self, job: Job) -> tuple[dramatiq.Message, int | None]:
         actor = self._actor(job.queue)
@@ -90,30 +123,72 @@ class DramatiqDriver(QueueDriver):
         self.broker  # noqa: B018 - builds the actors
         return self._actors[queue]
 
-    def _send_pipelined(self, jobs: list[Job]) -> None:
-        """Many jobs in one Redis round trip, through the broker's own enqueue script.
+    # -- delivery -----------------------------------------------------------
+    def missing_jobs(self, jobs: list[tuple[str, int, str]]) -> set[str]:
+        """Ids with no message body in Redis: queued, delayed and unacked messages all
+        keep their body in ``<queue>.msgs`` / ``<queue>.DQ.msgs`` until acked.
 
-        Same keys and script as ``RedisBroker.enqueue``, issued on a pipeline;
-        one call of ``broker.enqueue`` per job costs a round trip each.
+        ``attempt`` is the record's; its message is that attempt (a lost run given
+        back) or the next one (a retry or first run), so both are looked for.
+        """
+        if not jobs:
+            return set()
+        pipe = self.client.pipeline(transaction=False)
+        for job_id, attempt, queue in jobs:
+            for key in (f"{NAMESPACE}:{queue}.msgs", f"{NAMESPACE}:{dq_name(queue)}.msgs"):
+                for number in {max(attempt, 1), attempt + 1}:
+                    pipe.hexists(key, redis_message_id(job_id, number))
+        answers = iter(self._execute(pipe))
+        missing = set()
+        for job_id, attempt, _queue in jobs:
+            found = [next(answers) for _ in range(2 * len({max(attempt, 1), attempt + 1}))]
+            if not any(found):
+                missing.add(job_id)
+        return missing
+
+    def maintain(self) -> int:
+        """Heartbeat this worker in Redis and give back dead workers' unacked messages.
+
+        Dramatiq only heartbeats when a consumer fetches, so a worker busy with long
+        tasks would look dead after ``REDIS_HEARTBEAT_TIMEOUT`` and its messages would
+        run twice; and it requeues dead workers' messages only on a random 0.1 % of
+        commands. Here both happen on every call, for every queue.
         """
         broker = self.broker
         dispatch = broker.scripts["dispatch"]
-        pipe = self.client.pipeline(transaction=False)
         now = int(time.time() * 1000)
-        for job in jobs:
-            message, delay = self._message(job)
-            queue_name = message.queue_name
-            options: dict[str, Any] = {"redis_message_id": str(uuid.uuid4())}
-            if delay:
-                queue_name = dq_name(queue_name)
-                options["eta"] = now + delay
-            message = message.copy(queue_name=queue_name, options=options)
-            dispatch(keys=[broker.namespace], client=pipe, args=[
-                "enqueue", now, queue_name, broker.broker_id, broker.heartbeat_timeout,
-                broker.dead_message_ttl, 0, broker._max_unpack_size(),
-                options["redis_message_id"], message.encode(),
-            ])
-        pipe.execute()
+        pipe = self.client.pipeline(transaction=False)
+        for queue in self.settings.QUEUES:
+            for name in (queue, dq_name(queue)):
+                dispatch(keys=[broker.namespace], client=pipe, args=[
+                    "qsize", now, name, broker.broker_id, broker.heartbeat_timeout,
+                    broker.dead_message_ttl, 1, broker._max_unpack_size()])
+        self._execute(pipe)
+        return 0
+
+    def _execute(self, pipe: Any) -> list[Any]:
+        try:
+            return pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            raise BackendUnavailable(f"Redis at {mask_redis_url(self.redis_url)}: "
+                                     f"{error_text(exc, self.redis_url)}") from None
+
+    def take_dead_letters(self) -> list[dict[str, Any]]:
+        """Empty Dramatiq's dead-letter sets (``<queue>.XQ``, shared with ``<queue>.DQ``).
+
+        Dramatiq keeps them 7 days where nobody looks; they become ``DeadLetter``
+        rows instead (``dead_letters.collect_broker_dead_letters``). Each batch is
+        read and removed by one script, so two workers never take the same message.
+        """
+        from .dramatiq_dead_letters import drain_dead_letter_sets
+
+        try:
+            return drain_dead_letter_sets(self.broker, self.settings.QUEUES,
+                                          self.settings.DEAD_LETTER_PAYLOAD_LIMIT)
+        except (redis.RedisError, OSError) as exc:
+            raise BackendUnavailable(f"Redis at {mask_redis_url(self.redis_url)} could not be "
+                                     f"drained of dead letters: {error_text(exc, self.redis_url)}"
+                                     ) from None
 
     def queue_depths(self) -> dict[str, dict[str, int]]:
         pipe = self.client.pipeline(transaction=False)
@@ -184,3 +259,4 @@ class DramatiqConsumer:
     def stop(self, graceful: bool = True) -> None:
         # Unacked messages are given back to Redis by the broker on close.
         self.worker.stop(timeout=600_000 if graceful else 1)
+

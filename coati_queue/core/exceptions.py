@@ -35,6 +35,11 @@ class InvalidJob(CoatiQueueError, ValueError):
     """A message that cannot be decoded into a job (bad JSON, missing fields)."""
 
 
+class SkipJob(CoatiQueueError):
+    """Raised by a ``before_execute`` hook: this delivery must not run, and it is not a
+    failure (the task already ran or is running elsewhere, or was failed for good)."""
+
+
 class BackendUnavailable(CoatiQueueError, ImproperlyConfigured):
     """The configured backend cannot be reached or built."""
 

@@ -7,11 +7,12 @@ decided here and nowhere else.
 
 from __future__ import annotations
 
+import json
 import logging
 import traceback as traceback_module
 from typing import TYPE_CHECKING, Any
 
-from .exceptions import InvalidJob, Retry, TaskNotRegistered
+from .exceptions import InvalidJob, Retry, SkipJob, TaskNotRegistered
 from .jobs import Job, NotJSONSerializable, ensure_json
 from .middleware import current_job
 from .tasks import registry
@@ -25,10 +26,9 @@ logger = logging.getLogger("coati_queue.worker")
 def execute(driver: "QueueDriver", raw: Any) -> None:
     """Run one message end to end; every outcome goes through the middleware."""
     try:
-        job = raw if isinstance(raw, Job) else Job.decode(raw)
+        job = raw if isinstance(raw, Job) else decode_message(raw, driver.settings)
     except InvalidJob as exc:
-        logger.error("Dead letter: %s", exc)
-        driver.middleware.after("after_invalid_message", driver, raw, exc)
+        _dead_letter(driver, raw, exc)
         return
 
     token = current_job.set(job)
@@ -38,33 +38,66 @@ def execute(driver: "QueueDriver", raw: Any) -> None:
         current_job.reset(token)
 
 
+def decode_message(raw: Any, settings: Any) -> Job:
+    """A validated job, or ``InvalidJob`` saying why not (size, JSON, fields, queue)."""
+    if isinstance(raw, (str, bytes, bytearray)):
+        size = len(raw)
+    else:
+        try:
+            size = len(json.dumps(raw, separators=(",", ":")))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise InvalidJob(f"message cannot be encoded as JSON: {type(exc).__name__}") from None
+    if size > settings.MAX_MESSAGE_SIZE:
+        raise InvalidJob(f"message is {size:,} bytes, over the {settings.MAX_MESSAGE_SIZE:,}-byte "
+                         "limit (COATI_QUEUE['MAX_MESSAGE_SIZE'])")
+    job = Job.decode(raw)
+    if job.queue not in settings.QUEUES:
+        raise InvalidJob(f"message names queue {job.queue!r}, which is not one of "
+                         f"COATI_QUEUE['QUEUES'] {settings.QUEUES}")
+    return job
+
+
+def _dead_letter(driver: "QueueDriver", raw: Any, exc: InvalidJob) -> None:
+    logger.error("Dead letter: %s", exc)
+    driver.middleware.after("after_invalid_message", driver, raw, exc)
+
+
 def _run(driver: "QueueDriver", job: Job) -> None:
     try:
         task = registry.get(job.task)
     except TaskNotRegistered as exc:
-        logger.error("Job %s failed: %s", job.id, exc)
-        driver.middleware.before("before_execute", driver, job)
-        driver.middleware.after("after_execute", driver, job, exception=exc,
-                                traceback=_format(exc))
+        # Never resolved by import: a name from a message is only looked up.
+        _dead_letter(driver, job.to_dict(), InvalidJob(str(exc)))
         return
 
-    driver.middleware.before("before_execute", driver, job)
+    try:
+        driver.middleware.before("before_execute", driver, job)
+    except SkipJob as exc:
+        logger.info("Job %s (%s) not run: %s", job.id, job.task, exc)
+        return
+    except InvalidJob as exc:
+        _dead_letter(driver, job.to_dict(), exc)
+        return
     try:
         result = task.func(*job.args, **job.kwargs)
         ensure_json(result, f"The result of task {job.task!r}")
-    except BaseException as exc:  # noqa: B036 - time limits and shutdown interrupts too
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
+    except BaseException as exc:  # noqa: B036 - SystemExit from a task is its failure too
+        # Only the worker's own signal handlers stop a worker, and they never raise
+        # into task threads; whatever a task raises is the task's outcome.
         retry_in = _retry_delay(task.options.retry_on, job, exc)
         level = logging.WARNING if retry_in is not None else logging.ERROR
         logger.log(level, "Job %s (%s) attempt %d failed: %s%s", job.id, job.task, job.attempt,
-                   exc, f"; retrying in {retry_in} ms" if retry_in is not None else "")
+                   _describe(exc), f"; retrying in {retry_in} ms" if retry_in is not None else "")
         driver.middleware.after("after_execute", driver, job, exception=exc,
                                 retry_in_ms=retry_in, traceback=_format(exc))
         if retry_in is not None:
             driver.requeue(job.next_attempt(), retry_in)
     else:
         driver.middleware.after("after_execute", driver, job, result=result)
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 def _retry_delay(retry_on: tuple[type[BaseException], ...], job: Job,
@@ -76,8 +109,8 @@ def _retry_delay(retry_on: tuple[type[BaseException], ...], job: Job,
         return int(exc.delay * 1000) if exc.delay is not None else job.backoff_ms()
     if isinstance(exc, NotJSONSerializable):
         return None  # a non-JSON result fails the same way every time
-    if not isinstance(exc, retry_on):
-        return None
+    if not isinstance(exc, Exception) or not isinstance(exc, retry_on):
+        return None  # SystemExit, KeyboardInterrupt, time limits: final
     return job.backoff_ms()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -16,16 +17,24 @@ from typing import Any
 from .exceptions import InvalidJob
 
 ENVELOPE_VERSION = 1
+#: Deepest nesting of lists/objects accepted in arguments; deeper JSON is refused at
+#: send and dead-lettered in workers (it would exhaust the recursion limit later).
+MAX_JSON_DEPTH = 64
+#: Bounds of the envelope's numbers: anything outside is a forged or corrupt message.
+MAX_ATTEMPTS = 1_000
+MAX_BACKOFF_MS = 7 * 86_400_000
+ID_PATTERN = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 class NotJSONSerializable(TypeError):
     """An argument or result that is not plain JSON; retrying cannot fix it."""
 
 
-def ensure_json(value: Any, where: str) -> None:
-    """Raise ``NotJSONSerializable`` naming ``where`` when ``value`` is not plain JSON."""
+def ensure_json(value: Any, where: str) -> int:
+    """Raise ``NotJSONSerializable`` naming ``where`` unless ``value`` is plain JSON;
+    returns the length of its encoding (the size check reuses the one dumps)."""
     try:
-        json.dumps(value, allow_nan=False)
+        return len(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise NotJSONSerializable(
             f"{where} is not JSON-serializable ({type(value).__name__}: {exc}). "
@@ -34,13 +43,40 @@ def ensure_json(value: Any, where: str) -> None:
         ) from None
 
 
-def ensure_json_arguments(task_name: str, args: tuple | list, kwargs: dict) -> None:
+def ensure_json_arguments(task_name: str, args: tuple | list, kwargs: dict,
+                          max_size: int | None = None) -> None:
+    """Arguments must be plain JSON nested at most ``MAX_JSON_DEPTH`` deep and, with
+    ``max_size``, encode to at most that many bytes in all (checked at send, so the
+    caller gets the error rather than a worker's dead letter)."""
+    if json_depth([list(args), kwargs]) > MAX_JSON_DEPTH + 1:
+        raise ValueError(f"The arguments of task {task_name!r} nest deeper than "
+                         f"{MAX_JSON_DEPTH} levels; pass flatter data.")
+    size = 0
     for index, value in enumerate(args):
-        ensure_json(value, f"Positional argument {index} of task {task_name!r}")
+        size += ensure_json(value, f"Positional argument {index} of task {task_name!r}")
     for key, value in kwargs.items():
         if not isinstance(key, str):
             raise TypeError(f"Keyword argument names of task {task_name!r} must be strings.")
-        ensure_json(value, f"Argument {key!r} of task {task_name!r}")
+        size += len(key) + ensure_json(value, f"Argument {key!r} of task {task_name!r}")
+    if max_size is not None and size > max_size:
+        raise ValueError(f"The arguments of task {task_name!r} encode to {size:,} bytes, over "
+                         f"the {max_size:,}-byte limit (COATI_QUEUE['MAX_MESSAGE_SIZE']). "
+                         "Store large data in the database or a file and pass its id.")
+
+
+def json_depth(value: Any, limit: int = MAX_JSON_DEPTH + 2) -> int:
+    """Nesting depth of lists/dicts, counted without recursion and stopping at ``limit``."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            if deepest >= limit:
+                return deepest
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children
+                         if isinstance(child, (list, dict)))
+    return deepest
 
 
 def new_job_id() -> str:
@@ -86,6 +122,8 @@ class Job:
                 data = json.loads(data)
             except ValueError as exc:
                 raise InvalidJob(f"message is not valid JSON: {exc}") from None
+            except RecursionError:
+                raise InvalidJob("message JSON is nested too deeply to parse") from None
         if not isinstance(data, dict):
             raise InvalidJob(f"message must be a JSON object, got {type(data).__name__}")
         missing = [key for key in ("task", "id") if not data.get(key)]
@@ -95,13 +133,11 @@ class Job:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise InvalidJob(f"message has unknown field(s): {', '.join(unknown)}")
-        if not isinstance(data.get("args", []), list) or not isinstance(data.get("kwargs", {}),
-                                                                          dict):
-            raise InvalidJob("message args must be a list and kwargs an object")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise InvalidJob(f"message fields are malformed: {exc}") from None
+        problems = _field_problems(data)
+        if problems:
+            raise InvalidJob("message field(s) out of range or of the wrong type: "
+                             + "; ".join(problems))
+        return cls(**data)
 
     @property
     def retries_left(self) -> int:
@@ -120,6 +156,53 @@ class Job:
         ceiling = min(self.min_backoff * (2 ** (self.attempt - 1)), self.max_backoff)
         jittered = ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
         return int(min(max(jittered, self.min_backoff), self.max_backoff))
+
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return type(value) is int and low <= value <= high
+
+
+def _is_time(value: Any) -> bool:
+    return type(value) in (int, float) and 0 <= value < 2 ** 34  # until the year 2514
+
+
+def _field_problems(data: dict[str, Any]) -> list[str]:
+    """What is wrong with a decoded envelope's fields; empty when it is valid.
+
+    Every field is checked for type and range, so a forged message cannot reach
+    the tracking writer with a value the database refuses (poisoning its buffer).
+    """
+    problems = []
+    checks: dict[str, tuple[Any, str]] = {
+        "task": (lambda v: isinstance(v, str) and 0 < len(v) <= 200, "a name of 1-200 chars"),
+        "id": (lambda v: isinstance(v, str) and bool(ID_PATTERN.match(v)), "a lowercase UUID"),
+        "args": (lambda v: isinstance(v, list), "a list"),
+        "kwargs": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+                   "an object"),
+        "queue": (lambda v: isinstance(v, str) and 0 < len(v) <= 64, "a queue name"),
+        "attempt": (lambda v: _is_int(v, 1, MAX_ATTEMPTS), f"1..{MAX_ATTEMPTS}"),
+        "max_retries": (lambda v: _is_int(v, 0, MAX_ATTEMPTS), f"0..{MAX_ATTEMPTS}"),
+        "min_backoff": (lambda v: _is_int(v, 0, MAX_BACKOFF_MS), f"0..{MAX_BACKOFF_MS} ms"),
+        "max_backoff": (lambda v: _is_int(v, 0, MAX_BACKOFF_MS), f"0..{MAX_BACKOFF_MS} ms"),
+        "time_limit": (lambda v: v is None or _is_int(v, 1, MAX_BACKOFF_MS),
+                       f"null or 1..{MAX_BACKOFF_MS} ms"),
+        "enqueued_at": (_is_time, "a Unix time"),
+        "eta": (lambda v: v is None or _is_time(v), "null or a Unix time"),
+        "batch_id": (lambda v: v is None or _is_int(v, 1, 2 ** 63 - 1), "null or a positive id"),
+        "v": (lambda v: v == ENVELOPE_VERSION, f"{ENVELOPE_VERSION}"),
+    }
+    for name, (valid, expected) in checks.items():
+        if name in data and not valid(data[name]):
+            problems.append(f"{name} must be {expected}, got {_short(data[name])}")
+    if not problems and json_depth([data.get("args", []), data.get("kwargs", {})]) \
+            > MAX_JSON_DEPTH + 1:
+        problems.append(f"arguments nest deeper than {MAX_JSON_DEPTH} levels")
+    return problems
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def peek_job_fields(raw: Any) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 Every hook is a no-op by default. ``before_*`` hooks run in order,
 ``after_*`` hooks in reverse order. A failing hook is logged and does not
 stop the others, except ``before_enqueue``, whose failure aborts the send
-(a task that cannot be tracked must not run untracked).
+(a task that cannot be tracked must not run untracked), and the two control
+exceptions a ``before_execute`` hook may raise: ``SkipJob`` (do not run this
+delivery) and ``InvalidJob`` (dead-letter it).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import contextvars
 import logging
 from typing import TYPE_CHECKING, Any, Iterable
+
+from .exceptions import InvalidJob, SkipJob
 
 if TYPE_CHECKING:
     from .jobs import Job
@@ -43,6 +47,9 @@ class Middleware:
                       traceback: str = "") -> None:
         """``job`` ran: ``retry_in_ms`` is set when another attempt was scheduled."""
 
+    def send_failed(self, driver: Any, jobs: list["Job"], error: BaseException) -> None:
+        """The broker refused jobs after their transaction committed (outbox)."""
+
     def after_invalid_message(self, driver: Any, raw: Any, error: BaseException) -> None:
         """A message could not be decoded into a job (dead letter)."""
 
@@ -72,6 +79,8 @@ class MiddlewareStack:
     def _call(item: Middleware, hook: str, args: tuple, kwargs: dict, strict: bool) -> None:
         try:
             getattr(item, hook)(*args, **kwargs)
+        except (SkipJob, InvalidJob):
+            raise
         except Exception:
             if strict:
                 raise

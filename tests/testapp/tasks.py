@@ -96,3 +96,49 @@ def payroll_plain_success(batch_id):
 
 def payroll_plain_failure(batch_id):
     _payroll_mark("failure", batch_id)
+
+
+# -- the fault battery (tests/test_faults.py) ----------------------------------------------
+@coati_queue.task(name="tests.fault_kill_self", max_retries=5)
+def fault_kill_self(label):
+    """SIGKILLs its own worker process on every attempt (after leaving a Mark per run)."""
+    import os
+    import signal
+
+    Mark.objects.create(label=label, queue="fault", started=time.time())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@coati_queue.task(name="tests.fault_system_exit", max_retries=0)
+def fault_system_exit(label):
+    Mark.objects.create(label=label, queue="fault", started=time.time())
+    raise SystemExit(3)
+
+
+@coati_queue.task(name="tests.fault_keyboard_interrupt", max_retries=0)
+def fault_keyboard_interrupt(label):
+    Mark.objects.create(label=label, queue="fault", started=time.time())
+    raise KeyboardInterrupt("raised inside a task")
+
+
+@coati_queue.task(name="tests.fault_slow_once", max_retries=0)
+def fault_slow_once(label, seconds):
+    """Sleeps ``seconds`` on its first run only (a Mark per run), so a re-run after a
+    worker was stopped hard finishes at once."""
+    first = not Mark.objects.filter(label=label).exists()
+    Mark.objects.create(label=label, queue="fault", started=time.time())
+    if first:
+        time.sleep(seconds)
+    return label
+
+
+# -- Huey leases (tests/test_huey_leases.py) ------------------------------------------------
+@coati_queue.task(name="tests.lease_slow", max_retries=0)
+def lease_slow(label, seconds):
+    """A Mark per run; sleeps ``seconds`` on the first run only, so the run that
+    follows a killed worker finishes at once. Returns how many runs there were."""
+    runs = Mark.objects.filter(label=label).count() + 1
+    Mark.objects.create(label=label, queue="lease", started=time.time())
+    if runs == 1:
+        time.sleep(seconds)
+    return runs

@@ -24,8 +24,8 @@ def positive_float(text: str) -> float:
 
 
 class Command(BaseCommand):
-    help = ("Show each queue's queued, delayed, processing, finished and failed tasks and its "
-            "live workers.")
+    help = ("Show each queue's queued, delayed, processing, finished and failed tasks, its "
+            "live workers and the dead letters waiting to be looked at.")
 
     def add_arguments(self, parser):
         output = parser.add_mutually_exclusive_group()
@@ -94,7 +94,9 @@ class Command(BaseCommand):
         return render
 
     def render_table(self, stats: dict) -> str:
-        lines = [f"Backend: {stats['backend']} ({stats['reason']}) - {stats['location']}", ""]
+        lines = [f"Backend: {stats['backend']} ({stats['reason']}) - {stats['location']}"]
+        lines += [f"DEGRADED: {finding}" for finding in stats.get("degraded", [])]
+        lines.append("")
         headers = ("queue",) + QUEUE_COLUMNS
         rows = [(name,) + tuple(str(counts[c]) for c in QUEUE_COLUMNS)
                 for name, counts in stats["queues"].items()]
@@ -114,6 +116,7 @@ class Command(BaseCommand):
         lines += [line(row) for row in rows]
         lines.append(line(totals))
         lines.append("")
+        lines.append(self.dead_letter_line(stats.get("dead_letters")))
         if not stats["workers"]:
             lines.append("No workers running.")
         for worker in stats["workers"]:
@@ -122,3 +125,12 @@ class Command(BaseCommand):
                          f"{worker['hostname']}: {','.join(worker['queues'])}; last seen "
                          f"{worker['last_seen']} ({state})")
         return "\n".join(lines)
+
+    @staticmethod
+    def dead_letter_line(counts: dict | None) -> str:
+        if not counts or not counts["waiting"]:
+            return "Dead letters waiting: 0"
+        sources = ", ".join(f"{source} {n}" for source, n in sorted(counts["by_source"].items())
+                            if n)
+        return (f"Dead letters waiting: {counts['waiting']} ({sources}); requeue or delete them "
+                "in the admin (Dead letters).")

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import argparse
 from argparse import ArgumentTypeError
 
 from django.core.management.base import BaseCommand, CommandError
@@ -50,6 +51,8 @@ class Command(BaseCommand):
                             help="Huey worker type inside each process (default thread)")
         parser.add_argument("--poll-ms", type=positive_int, default=None,
                             help="idle polling interval in milliseconds")
+        # Set by the supervisor on its children: repeated SIGTERM/SIGINT mean one stop.
+        parser.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
 
     def handle(self, *args, **options):
         from coati_queue.selection import get_queue_driver
@@ -71,7 +74,8 @@ class Command(BaseCommand):
 
         try:
             worker = WorkerProcess(driver, queues, threads, burst=options["burst"],
-                                   worker_type=options["worker_type"], poll_ms=options["poll_ms"])
+                                   worker_type=options["worker_type"], poll_ms=options["poll_ms"],
+                                   supervised=options["supervised"])
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
         if options["verbosity"] >= 1:
@@ -82,11 +86,18 @@ class Command(BaseCommand):
             sys.exit(code)
 
     def _supervise(self, processes, backend, options, queues, threads):
-        """Start one child per process and pass signals on; exit with the worst status."""
+        """Start one child per process and pass signals on; exit with the worst status.
+
+        A first SIGTERM/SIGINT is passed on as SIGTERM (graceful: children finish
+        in-flight tasks); a second one as SIGQUIT (children exit at once, their
+        in-flight work is given back by the broker). Children may also receive the
+        same signal straight from the kernel (a signal to the process group); they
+        take repeats of SIGTERM/SIGINT as the same graceful stop.
+        """
         command = [sys.executable, "-m", "django", "runworkers", "--processes", "1",
                    "--threads", str(threads), "--queues", ",".join(queues),
                    "--backend", backend, "--worker-type", options["worker_type"],
-                   "--verbosity", str(options["verbosity"]), "--skip-checks"]
+                   "--verbosity", str(options["verbosity"]), "--skip-checks", "--supervised"]
         if options["burst"]:
             command.append("--burst")
         if options["poll_ms"]:
@@ -100,9 +111,10 @@ class Command(BaseCommand):
 
         def forward(signum, frame):
             received.append(signum)
+            passed_on = signal.SIGTERM if len(received) == 1 else signal.SIGQUIT
             for child in children:
                 if child.poll() is None:
-                    child.send_signal(signal.SIGKILL if len(received) > 1 else signum)
+                    child.send_signal(passed_on)
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, forward)

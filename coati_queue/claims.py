@@ -1,0 +1,200 @@
+"""Claiming a task record before its task runs: the guard against running one task twice.
+
+A worker runs a delivery only after a conditional write moved the task's record
+to ``processing`` for this worker. The record is claimable when it is
+
+* ``pending`` (first run, a retry, or a re-send by the relay/reconciler), or
+* ``processing`` with the same attempt: the previous run of that attempt was lost
+  with its worker (a Huey reservation given back, Dramatiq redelivery after the
+  Redis heartbeat timed out). ``lost_count`` goes up by one; at
+  ``WORKER_LOST_LIMIT`` the record is failed instead of run again, so a task that
+  kills its process cannot crash-loop the fleet.
+
+Anything else (already completed, failed, cancelled, or an older attempt) is a
+duplicate delivery and is dropped. A record that does not exist (deleted by its
+TTL, or a message from an older release) is created as claimed.
+
+Cost: claims from concurrent worker threads of one process are written together
+("group commit"): the thread that finds no write in flight writes every waiting
+claim in one ``INSERT .. ON CONFLICT DO UPDATE .. RETURNING`` statement, so
+under load a process pays one statement per handful of tasks, not one per task.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+from django.db import DatabaseError, IntegrityError, connections, router, transaction
+from django.utils import timezone
+
+from .models import TaskResult, TaskStatus
+
+logger = logging.getLogger("coati_queue.tracking")
+
+#: Retries of a claim write that hit a locked database, with the delays between them.
+CLAIM_RETRY_DELAYS = (0.01, 0.05, 0.2, 0.5, 1.0)
+
+
+class ClaimRefused(Exception):
+    """This row could not be claimed for a reason of its own (e.g. its batch id does not
+    exist): the message is dead-lettered, the other claims of the group go ahead."""
+
+
+class _Request:
+    __slots__ = ("row", "event", "lost_count", "error", "promoted")
+
+    def __init__(self, row: dict[str, Any]):
+        self.row = row
+        self.event = threading.Event()
+        self.lost_count: int | None = None
+        self.error: BaseException | None = None
+        self.promoted = False
+
+
+class Claimer:
+    """Group-commit claims of one process; ``claim(row)`` is thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: list[_Request] = []
+        self._busy = False
+
+    def claim(self, row: dict[str, Any]) -> int | None:
+        """Claim ``row["id"]``: its ``lost_count`` when claimed, None when not claimable.
+
+        Raises ``ClaimRefused`` for a row the database refuses, ``DatabaseError``
+        when the database stays unavailable.
+        """
+        request = _Request(row)
+        with self._lock:
+            self._waiting.append(request)
+            lead = not self._busy
+            self._busy = True
+        if not lead:
+            request.event.wait()
+            if not request.promoted:
+                return self._outcome(request)
+        self._lead()
+        return self._outcome(request)
+
+    @staticmethod
+    def _outcome(request: _Request) -> int | None:
+        if request.error is not None:
+            raise request.error
+        return request.lost_count
+
+    def _lead(self) -> None:
+        with self._lock:
+            group, self._waiting = self._waiting, []
+        try:
+            claimed = _write_with_retries(group)
+            for request in group:
+                request.lost_count = claimed.get(request.row["id"])
+        except IntegrityError:
+            for request in group:  # find the poisoned row; the others go ahead
+                try:
+                    request.lost_count = _write_with_retries([request]).get(request.row["id"])
+                except IntegrityError as exc:
+                    request.error = ClaimRefused(f"the database refused its record: {exc}")
+                except DatabaseError as exc:
+                    request.error = exc
+        except DatabaseError as exc:
+            for request in group:
+                request.error = exc
+        finally:
+            with self._lock:
+                if self._waiting:
+                    self._waiting[0].promoted = True
+                    self._waiting[0].event.set()
+                else:
+                    self._busy = False
+            for request in group:
+                request.event.set()
+
+
+def _write_with_retries(group: list[_Request]) -> dict[uuid.UUID, int]:
+    for delay in (*CLAIM_RETRY_DELAYS, None):
+        try:
+            return write_claims([request.row for request in group])
+        except IntegrityError:
+            raise
+        except DatabaseError:
+            if delay is None:
+                raise
+            logger.warning("Claiming %d task record(s) failed; retrying in %.2f s",
+                           len(group), delay, exc_info=True)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def write_claims(rows: list[dict[str, Any]]) -> dict[uuid.UUID, int]:
+    """One conditional upsert for all rows; returns ``{id: lost_count}`` of those claimed."""
+    using = router.db_for_write(TaskResult)
+    connection = connections[using]
+    if connection.vendor not in ("sqlite", "postgresql"):
+        return _write_claims_portably(rows, using)
+    quote = connection.ops.quote_name
+    table = quote(TaskResult._meta.db_table)
+    fields = [TaskResult._meta.get_field(name) for name in rows[0]]  # tracking.record_from_job
+    columns = ", ".join(quote(f.column) for f in fields)
+    status, attempts, lost = quote("status"), quote("attempts"), quote("lost_count")
+    values = ", ".join(["(" + ", ".join(["%s"] * len(fields)) + ")"] * len(rows))
+    params = [f.get_db_prep_save(row[f.name], connection) for row in rows for f in fields]
+    sql = (
+        f"INSERT INTO {table} ({columns}) VALUES {values} ON CONFLICT (id) DO UPDATE SET "
+        f"{status} = excluded.{status}, "
+        f"{lost} = {table}.{lost} + CASE WHEN {table}.{status} = %s THEN 1 ELSE 0 END, "
+        f"{attempts} = excluded.{attempts}, "
+        f"{quote('started_at')} = excluded.{quote('started_at')}, "
+        f"{quote('worker_id')} = excluded.{quote('worker_id')}, "
+        f"{quote('unsent')} = %s "
+        f"WHERE ({table}.{status} = %s AND excluded.{attempts} >= {table}.{attempts}) "
+        f"OR ({table}.{status} = %s AND excluded.{attempts} = {table}.{attempts}) "
+        f"RETURNING {quote('id')}, {lost}")
+    params += [TaskStatus.PROCESSING, False, TaskStatus.PENDING, TaskStatus.PROCESSING]
+    id_field = TaskResult._meta.pk
+    with transaction.atomic(using=using):
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            returned = cursor.fetchall()
+    return {id_field.to_python(pk): count for pk, count in returned}
+
+
+def _write_claims_portably(rows: list[dict[str, Any]], using: str) -> dict[uuid.UUID, int]:
+    claimed = {}
+    with transaction.atomic(using=using):
+        for row in rows:
+            records = TaskResult.objects.using(using).select_for_update().filter(pk=row["id"])
+            record = records.first()
+            if record is None:
+                data = {("batch_id" if k == "batch" else k): v for k, v in row.items()}
+                TaskResult.objects.using(using).create(**data)
+                claimed[row["id"]] = 0
+                continue
+            lost_again = (record.status == TaskStatus.PROCESSING
+                          and record.attempts == row["attempts"])
+            fresh = record.status == TaskStatus.PENDING and row["attempts"] >= record.attempts
+            if lost_again or fresh:
+                record.lost_count += int(lost_again)
+                record.status, record.attempts = TaskStatus.PROCESSING, row["attempts"]
+                record.started_at, record.worker_id = row["started_at"], row["worker_id"]
+                record.unsent = False
+                record.save(update_fields=["status", "attempts", "started_at", "worker_id",
+                                           "lost_count", "unsent"])
+                claimed[row["id"]] = record.lost_count
+    return claimed
+
+
+def fail_lost(task_id: uuid.UUID, lost_count: int, failure_ttl: float) -> None:
+    """A task whose workers died ``lost_count`` times ends failed, without running again."""
+    now = timezone.now()
+    TaskResult.objects.filter(pk=task_id, status=TaskStatus.PROCESSING).update(
+        status=TaskStatus.FAILED, finished_at=now,
+        error=f"Worker lost {lost_count} times while running this task "
+              "(COATI_QUEUE['WORKER_LOST_LIMIT']); not run again.",
+        expires_at=now + datetime.timedelta(seconds=failure_ttl))
