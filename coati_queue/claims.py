@@ -1,23 +1,25 @@
-"""Claiming a task record before its task runs: the guard against running one task twice.
+"""Claiming a task record before a redelivery runs: the guard against running it twice.
 
-A worker runs a delivery only after a conditional write moved the task's record
-to ``processing`` for this worker. The record is claimable when it is
+A first delivery runs without a claim: the broker gave it to this worker alone.
+A delivery that may repeat an earlier one (``Job.delivery > 1``: given back
+after its worker died, or re-sent from the record by the relay or the
+reconciler) runs only after a conditional write moved its record to
+``processing`` for this worker. The record is claimable when it is
 
-* ``pending`` (first run, a retry, or a re-send by the relay/reconciler), or
+* ``pending`` (never started, a retry, or reset by the reconciler), or
 * ``processing`` with the same attempt: the previous run of that attempt was lost
-  with its worker (a Huey reservation given back, Dramatiq redelivery after the
-  Redis heartbeat timed out). ``lost_count`` goes up by one; at
-  ``WORKER_LOST_LIMIT`` the record is failed instead of run again, so a task that
-  kills its process cannot crash-loop the fleet.
+  with its worker. ``lost_count`` goes up by one; at ``WORKER_LOST_LIMIT`` the
+  record is failed instead of run again, so a task that kills its process cannot
+  crash-loop the fleet.
 
 Anything else (already completed, failed, cancelled, or an older attempt) is a
 duplicate delivery and is dropped. A record that does not exist (deleted by its
 TTL, or a message from an older release) is created as claimed.
 
-Cost: claims from concurrent worker threads of one process are written together
-("group commit"): the thread that finds no write in flight writes every waiting
-claim in one ``INSERT .. ON CONFLICT DO UPDATE .. RETURNING`` statement, so
-under load a process pays one statement per handful of tasks, not one per task.
+Cost: claims are written by the process's tracking writer thread (on its own
+long-lived connection), every waiting claim in one ``INSERT .. ON CONFLICT DO
+UPDATE .. RETURNING`` statement ("group commit"), so under load a process pays
+one statement per handful of tasks, and no task thread opens a connection.
 """
 
 from __future__ import annotations
@@ -45,79 +47,52 @@ class ClaimRefused(Exception):
     exist): the message is dead-lettered, the other claims of the group go ahead."""
 
 
-class _Request:
-    __slots__ = ("row", "event", "lost_count", "error", "promoted")
+class ClaimRequest:
+    """One thread's claim, answered by the tracking writer thread."""
+
+    __slots__ = ("row", "event", "lost_count", "error")
 
     def __init__(self, row: dict[str, Any]):
         self.row = row
         self.event = threading.Event()
         self.lost_count: int | None = None
         self.error: BaseException | None = None
-        self.promoted = False
+
+    def outcome(self) -> int | None:
+        """``lost_count`` when claimed, None when not claimable; raises its error."""
+        self.event.wait()
+        if self.error is not None:
+            raise self.error
+        return self.lost_count
 
 
-class Claimer:
-    """Group-commit claims of one process; ``claim(row)`` is thread-safe."""
+def write_claim_group(group: list[ClaimRequest]) -> None:
+    """Write every waiting claim in one statement and answer each request.
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._waiting: list[_Request] = []
-        self._busy = False
-
-    def claim(self, row: dict[str, Any]) -> int | None:
-        """Claim ``row["id"]``: its ``lost_count`` when claimed, None when not claimable.
-
-        Raises ``ClaimRefused`` for a row the database refuses, ``DatabaseError``
-        when the database stays unavailable.
-        """
-        request = _Request(row)
-        with self._lock:
-            self._waiting.append(request)
-            lead = not self._busy
-            self._busy = True
-        if not lead:
-            request.event.wait()
-            if not request.promoted:
-                return self._outcome(request)
-        self._lead()
-        return self._outcome(request)
-
-    @staticmethod
-    def _outcome(request: _Request) -> int | None:
-        if request.error is not None:
-            raise request.error
-        return request.lost_count
-
-    def _lead(self) -> None:
-        with self._lock:
-            group, self._waiting = self._waiting, []
-        try:
-            claimed = _write_with_retries(group)
-            for request in group:
-                request.lost_count = claimed.get(request.row["id"])
-        except IntegrityError:
-            for request in group:  # find the poisoned row; the others go ahead
-                try:
-                    request.lost_count = _write_with_retries([request]).get(request.row["id"])
-                except IntegrityError as exc:
-                    request.error = ClaimRefused(f"the database refused its record: {exc}")
-                except DatabaseError as exc:
-                    request.error = exc
-        except DatabaseError as exc:
-            for request in group:
+    A row the database refuses (e.g. a batch id that does not exist) fails alone:
+    the group is then written row by row, and only that request gets ``ClaimRefused``.
+    """
+    try:
+        claimed = _write_with_retries(group)
+        for request in group:
+            request.lost_count = claimed.get(request.row["id"])
+    except IntegrityError:
+        for request in group:
+            try:
+                request.lost_count = _write_with_retries([request]).get(request.row["id"])
+            except IntegrityError as exc:
+                request.error = ClaimRefused(f"the database refused its record: {exc}")
+            except DatabaseError as exc:
                 request.error = exc
-        finally:
-            with self._lock:
-                if self._waiting:
-                    self._waiting[0].promoted = True
-                    self._waiting[0].event.set()
-                else:
-                    self._busy = False
-            for request in group:
-                request.event.set()
+    except Exception as exc:  # DatabaseError, or a value the driver cannot adapt
+        for request in group:  # each waiting thread gets the error, none a silent skip
+            request.error = exc
+    finally:
+        for request in group:
+            request.event.set()
 
 
-def _write_with_retries(group: list[_Request]) -> dict[uuid.UUID, int]:
+def _write_with_retries(group: list[ClaimRequest]) -> dict[uuid.UUID, int]:
     for delay in (*CLAIM_RETRY_DELAYS, None):
         try:
             return write_claims([request.row for request in group])

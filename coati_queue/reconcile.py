@@ -52,7 +52,8 @@ class ReconcileReport:
 
 
 def job_from_record(record: TaskResult, attempt: int) -> Job:
-    """The job a record describes, as attempt ``attempt``; options of today's task."""
+    """The job a record describes, as attempt ``attempt``, marked as a re-send (so the
+    worker claims the record before running it); options of today's task."""
     settings_default = _settings()
     try:
         options = registry.get(record.task_name).options
@@ -67,7 +68,8 @@ def job_from_record(record: TaskResult, attempt: int) -> Job:
                attempt=attempt, max_retries=record.max_retries, min_backoff=min_backoff,
                max_backoff=max_backoff, time_limit=time_limit,
                enqueued_at=record.enqueued_at.timestamp(),
-               eta=record.eta.timestamp() if record.eta else None, batch_id=record.batch_id)
+               eta=record.eta.timestamp() if record.eta else None, batch_id=record.batch_id,
+               delivery=record.resends + 2)
 
 
 def _settings() -> Any:

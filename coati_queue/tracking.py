@@ -26,7 +26,7 @@ from django.db import (DatabaseError, DataError, IntegrityError, connections, ro
 from django.db.models import Count
 from django.utils import timezone
 
-from .claims import Claimer, ClaimRefused, fail_lost
+from .claims import ClaimRefused, ClaimRequest, fail_lost, write_claim_group
 from .core.exceptions import InvalidJob, SkipJob
 from .core.jobs import Job
 from .core.middleware import Middleware
@@ -68,40 +68,63 @@ MAX_BUFFERED = 100_000
 
 
 class StateBuffer:
-    """Latest state per task id, written in bulk by one flusher thread per process."""
+    """The tracking writer of one process: claims and task states, one thread.
+
+    Worker threads hand it claims (and wait for the answer) and outcomes (and go
+    on); its thread writes all waiting claims in one statement, then all buffered
+    states in one upsert, as soon as the previous write is done, on one
+    long-lived connection: no task thread opens a database connection for
+    tracking, and a process's tracking writes never compete with each other.
+    """
 
     def __init__(self, interval: float):
         self.interval = interval
         self._rows: dict[uuid.UUID, dict[str, Any]] = {}
+        self._claims: list[ClaimRequest] = []
         self._lock = threading.Lock()
         # Held while writing: a flush() returns only once rows taken by a concurrent
-        # flush (the flusher thread) are written too, so nothing is lost at exit.
+        # flush (the writer thread) are written too, so nothing is lost at exit.
         self._flush_lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="coati-tracking",
+                                            daemon=True)
+            self._thread.start()
+
     def put(self, row: dict[str, Any]) -> None:
         with self._lock:
             self._rows[row["id"]] = row
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="coati-tracking",
-                                                daemon=True)
-                self._thread.start()
+            self._ensure_thread()
         # Written as soon as the previous write is done (states that arrive meanwhile
         # share the next statement): the shorter an outcome waits in memory, the fewer
         # finished tasks a SIGKILL leaves looking unfinished (and run again).
         self._wake.set()
 
+    def claim(self, row: dict[str, Any]) -> int | None:
+        """Claim a task record before running it (see ``coati_queue.claims``)."""
+        request = ClaimRequest(row)
+        with self._lock:
+            self._claims.append(request)
+            self._ensure_thread()
+        self._wake.set()
+        return request.outcome()
+
     def _loop(self) -> None:
         while True:
             self._wake.wait(self.interval)
             self._wake.clear()
+            with self._lock:
+                claims, self._claims = self._claims, []
             try:
+                if claims:
+                    write_claim_group(claims)
                 self.flush()
             except DatabaseError:
                 logger.exception("Writing task states failed; will retry")
-            finally:
-                connections.close_all()
+                connections.close_all()  # a fresh connection next time
 
     def flush(self) -> int:
         with self._flush_lock:
@@ -194,7 +217,6 @@ class TrackingMiddleware(Middleware):
     def __init__(self, settings: "QueueSettings"):
         self.settings = settings
         self.buffer = StateBuffer(settings.TRACKING_FLUSH_INTERVAL)
-        self.claimer = Claimer()
         self.relay = OutboxRelay()
         self.worker_id = ""
         self._started: dict[str, datetime.datetime] = {}
@@ -208,12 +230,14 @@ class TrackingMiddleware(Middleware):
         started = timezone.now()
         row = record_from_job(job, driver.name, status=TaskStatus.PROCESSING,
                               attempts=job.attempt, started_at=started, worker_id=self.worker_id)
-        if driver.runs_in_caller:  # one delivery, in the sender: nothing to race with
+        if driver.runs_in_caller or not job.redelivered:
+            # A first delivery: the broker gave it to this worker alone, so its state is
+            # buffered like the outcome (no query on the task's path).
             self._started[job.id] = started
             self.buffer.put(row)
             return
         try:
-            lost_count = self.claimer.claim(row)
+            lost_count = self.buffer.claim(row)
         except ClaimRefused as exc:
             raise InvalidJob(str(exc)) from None
         except DatabaseError:

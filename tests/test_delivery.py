@@ -16,13 +16,13 @@ import redis
 from django.db import transaction
 from django.utils import timezone
 
-from coati_queue.claims import Claimer, ClaimRefused, _Request
+from coati_queue.claims import ClaimRefused, ClaimRequest, write_claim_group
 from coati_queue.core.exceptions import BackendUnavailable, InvalidJob
 from coati_queue.core.jobs import MAX_JSON_DEPTH, Job
 from coati_queue.models import TaskResult, TaskStatus, WorkerHeartbeat
 from coati_queue.reconcile import reconcile
 from coati_queue.selection import get_queue_driver
-from coati_queue.tracking import record_from_job
+from coati_queue.tracking import StateBuffer, record_from_job
 from tests.conftest import free_port, redis_password
 from tests.testapp.models import Mark
 
@@ -86,9 +86,9 @@ def claim_row(job: Job, worker: str = "w1") -> dict:
                            started_at=timezone.now(), worker_id=worker)
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)  # the writer thread has a connection of its own
 def test_a_record_is_claimed_once_and_a_lost_run_of_the_same_attempt_counts_as_lost():
-    claimer = Claimer()
+    claimer = StateBuffer(interval=0.05)  # claims go through the process's tracking writer
     job = Job(task="tests.add", args=[1, 2])
     TaskResult.objects.create(id=job.id, task_name=job.task, backend="huey")
     assert claimer.claim(claim_row(job)) == 0  # pending -> processing
@@ -108,17 +108,15 @@ def test_a_record_is_claimed_once_and_a_lost_run_of_the_same_attempt_counts_as_l
 
 @pytest.mark.django_db(transaction=True)
 def test_a_claim_of_a_missing_record_creates_it_and_a_poisoned_row_spares_the_others():
-    claimer = Claimer()
     job = Job(task="tests.add", args=[1, 2])
-    assert claimer.claim(claim_row(job)) == 0
+    assert StateBuffer(interval=0.05).claim(claim_row(job)) == 0
     assert TaskResult.objects.get(pk=job.id).status == TaskStatus.PROCESSING
 
     # Two claims written as one group; one names a batch that does not exist.
     good, bad = Job(task="tests.add"), Job(task="tests.add", batch_id=987654)
-    group = [_Request(claim_row(good)), _Request(claim_row(bad))]
-    claimer._waiting, claimer._busy = list(group), True
-    claimer._lead()
-    assert group[0].lost_count == 0 and group[0].error is None
+    group = [ClaimRequest(claim_row(good)), ClaimRequest(claim_row(bad))]
+    write_claim_group(group)
+    assert group[0].outcome() == 0
     assert isinstance(group[1].error, ClaimRefused)
     assert TaskResult.objects.filter(pk=good.id, status="processing").exists()
     assert not TaskResult.objects.filter(pk=bad.id).exists()
@@ -243,3 +241,45 @@ def test_a_task_of_a_lost_worker_is_sent_again_then_failed_at_the_limit(worker_b
     assert reconcile(driver).lost_failed == 1
     record = TaskResult.objects.get(pk=doomed)
     assert record.status == "failed" and "Worker lost 3 times" in record.error
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.redis
+def test_a_killed_dramatiq_workers_message_comes_back_marked_and_counts_the_loss(
+        queue_env, redis_url, start_worker, run_workers):
+    import signal
+    import time as clock
+
+    from django.test import override_settings
+
+    from tests.test_workers import wait_for
+
+    # Redis considers a silent worker dead after 1 s (the default is 60 s).
+    short = json.dumps({"REDIS_HEARTBEAT_TIMEOUT": 1.0, "HEARTBEAT_INTERVAL": 0.2})
+    queue_env(COATI_QUEUE_BACKEND="dramatiq", REDIS_URL=redis_url)
+    with override_settings(COATI_QUEUE={**_test_settings(), "REDIS_HEARTBEAT_TIMEOUT": 1.0}):
+        driver = get_queue_driver("dramatiq")
+        process = start_worker("dramatiq", env={"COATI_TEST_QUEUE_OVERRIDES": short})
+        job_id = driver.enqueue("tests.lease_slow", "redis-lease", 120)
+        wait_for(lambda: TaskResult.objects.filter(pk=job_id, status="processing").exists(),
+                 what="the task to start", process=process)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        assert driver.missing_jobs([(job_id, 1, "default")]) == set()  # unacked, still there
+
+        deadline = clock.monotonic() + 30
+        while driver.maintain() == 0:  # given back once its heartbeat is 1 s old
+            assert clock.monotonic() < deadline, "the dead worker's message never came back"
+            clock.sleep(0.2)
+        assert driver.maintain() == 0  # exactly once
+        completed = run_workers("dramatiq", env={"COATI_TEST_QUEUE_OVERRIDES": short})
+        assert completed.returncode == 0, completed.stderr
+    record = TaskResult.objects.get(pk=job_id)
+    assert (record.status, record.result, record.lost_count) == ("completed", 2, 1)
+    assert Mark.objects.filter(label="redis-lease").count() == 2
+
+
+def _test_settings() -> dict:
+    from django.conf import settings
+
+    return dict(settings.COATI_QUEUE)

@@ -70,6 +70,8 @@ def test_a_killed_workers_job_stays_reserved_and_runs_again(stop, reclaim_by, dr
     assert queued_name.endswith(job_id)
     wait_for(lambda: Mark.objects.filter(label=label).exists(), what="the task to start",
              process=process)
+    wait_for(lambda: TaskResult.objects.filter(pk=job_id, status="processing").exists(),
+             what="its record to say processing", process=process)
 
     reserved = reserved_files(huey_path)
     assert list(reserved) == [queued_name]  # claimed under its own name, not deleted
@@ -100,6 +102,9 @@ def test_a_killed_workers_job_stays_reserved_and_runs_again(stop, reclaim_by, dr
     assert os.listdir(os.path.join(huey_path, "reserved")) == []
     record = TaskResult.objects.get(pk=job_id)
     assert (record.status, record.result) == ("completed", 2), describe_failure(completed)
+    # Given back marked as a redelivery: the new worker claimed the record and counted
+    # the loss (at WORKER_LOST_LIMIT losses it would have failed it instead).
+    assert (record.lost_count, record.attempts) == (1, 1)
 
 
 def test_graceful_stop_acks_and_removes_the_reservation_folder(driver, huey_path, start_worker):

@@ -25,6 +25,7 @@ from ..core.jobs import Job
 from ..redis_url import error_text, mask_redis_url
 from .base import QueueDriver
 from .dramatiq_dead_letters import DeadLetteringRedisBroker
+from .dramatiq_redelivery import heartbeat_and_give_back
 
 logger = logging.getLogger("coati_queue")
 
@@ -63,6 +64,7 @@ class DramatiqDriver(QueueDriver):
         broker = DeadLetteringRedisBroker(
             url=self.redis_url, namespace=NAMESPACE,
             heartbeat_timeout=int(self.settings.REDIS_HEARTBEAT_TIMEOUT * 1000),
+            maintenance_chance=0,  # dead workers' messages: given back by maintain()
             middleware=[TimeLimit(), ShutdownNotifications()])
         count = len(self.settings.QUEUES)
         for index, queue in enumerate(self.settings.QUEUES):
@@ -83,41 +85,45 @@ class DramatiqDriver(QueueDriver):
     def send(self, jobs: list[Job]) -> None:
         """All jobs in one Redis round trip, through the broker's own enqueue script.
 
-        Same keys and script as ``RedisBroker.enqueue``, issued on a pipeline, with
-        the Redis message id ``<job id>.<attempt>`` instead of a random one, so the
-        reconciler can ask Redis whether a task's message still exists.
+        Same keys and script as ``RedisBroker.enqueue`` (on a pipeline for several
+        jobs), with the Redis message id ``<job id>.<attempt>`` instead of a random
+        one, so the reconciler can ask Redis whether a task's message still exists.
         """
         try:
             broker = self.broker
             dispatch = broker.scripts["dispatch"]
-            pipe = self.client.pipeline(transaction=False)
             now = int(time.time() * 1000)
-            for job in jobs:
-                message, delay = self._message(job)
-                queue_name = message.queue_name
-                options: dict[str, Any] = {"redis_message_id": redis_message_id(job.id,
-                                                                                 job.attempt)}
-                if delay:
-                    queue_name = dq_name(queue_name)
-                    options["eta"] = now + delay
-                message = message.copy(queue_name=queue_name, options=options)
-                dispatch(keys=[broker.namespace], client=pipe, args=[
-                    "enqueue", now, queue_name, broker.broker_id, broker.heartbeat_timeout,
-                    broker.dead_message_ttl, 0, broker._max_unpack_size(),
-                    options["redis_message_id"], message.encode(),
-                ])
+            calls = [self._enqueue_args(job, now) for job in jobs]
+            if len(calls) == 1:
+                dispatch(keys=[broker.namespace], args=calls[0])
+                return
+            pipe = self.client.pipeline(transaction=False)
+            for args in calls:
+                dispatch(keys=[broker.namespace], client=pipe, args=args)
             pipe.execute()
         except (redis.RedisError, OSError) as exc:
             raise BackendUnavailable(f"Redis at {mask_redis_url(self.redis_url)} refused the "
                                      f"send: {error_text(exc, self.redis_url)}") from None
 
-    def _message(self, job: Job) -> tuple[dramatiq.Message, int | None]:
-        actor = self._actor(job.queue)
-        options = {"time_limit": job.time_limit} if job.time_limit else {}
-        message = actor.message_with_options(args=(job.to_dict(),), **options)
-        message = message.copy(message_id=job.id)
-        delay = int((job.eta - time.time()) * 1000) if job.eta else None
-        return message, (delay if delay and delay > 0 else None)
+    def _enqueue_args(self, job: Job, now: int) -> list[Any]:
+        """The enqueue script's arguments for ``job``: what ``actor.send`` would build."""
+        broker = self.broker
+        message_id = redis_message_id(job.id, job.attempt)
+        options: dict[str, Any] = {"redis_message_id": message_id}
+        if job.time_limit:
+            options["time_limit"] = job.time_limit
+        delay = int((job.eta - time.time()) * 1000) if job.eta else 0
+        queue_name = job.queue
+        if delay > 0:
+            queue_name = dq_name(queue_name)
+            options["eta"] = now + delay
+        message = dramatiq.Message(
+            queue_name=queue_name, actor_name=self._actor(job.queue).actor_name,
+            args=(job.to_dict(),), kwargs={}, options=options, message_id=job.id,
+            message_timestamp=now)
+        return ["enqueue", now, queue_name, broker.broker_id, broker.heartbeat_timeout,
+                broker.dead_message_ttl, 0, broker._max_unpack_size(), message_id,
+                message.encode()]
 
     def _actor(self, queue: str) -> dramatiq.Actor:
         self.broker  # noqa: B018 - builds the actors
@@ -149,22 +155,17 @@ class DramatiqDriver(QueueDriver):
     def maintain(self) -> int:
         """Heartbeat this worker in Redis and give back dead workers' unacked messages.
 
-        Dramatiq only heartbeats when a consumer fetches, so a worker busy with long
+        Dramatiq heartbeats only when a consumer fetches, so a worker busy with long
         tasks would look dead after ``REDIS_HEARTBEAT_TIMEOUT`` and its messages would
-        run twice; and it requeues dead workers' messages only on a random 0.1 % of
-        commands. Here both happen on every call, for every queue.
+        run twice; here the worker heartbeats at every upkeep. Giving back is done
+        here too, marking each message as a redelivery (``dramatiq_redelivery``).
         """
-        broker = self.broker
-        dispatch = broker.scripts["dispatch"]
-        now = int(time.time() * 1000)
-        pipe = self.client.pipeline(transaction=False)
-        for queue in self.settings.QUEUES:
-            for name in (queue, dq_name(queue)):
-                dispatch(keys=[broker.namespace], client=pipe, args=[
-                    "qsize", now, name, broker.broker_id, broker.heartbeat_timeout,
-                    broker.dead_message_ttl, 1, broker._max_unpack_size()])
-        self._execute(pipe)
-        return 0
+        try:
+            return heartbeat_and_give_back(self.client, NAMESPACE, self.broker.broker_id,
+                                           self.broker.heartbeat_timeout)
+        except (redis.RedisError, OSError) as exc:
+            raise BackendUnavailable(f"Redis at {mask_redis_url(self.redis_url)}: "
+                                     f"{error_text(exc, self.redis_url)}") from None
 
     def _execute(self, pipe: Any) -> list[Any]:
         try:

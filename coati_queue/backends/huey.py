@@ -57,6 +57,17 @@ def _shape_problem(message: Message) -> str | None:
     return None if ok else f"unexpected arguments for Huey task {message.name!r}"
 
 
+def mark_redelivered(data: bytes) -> bytes:
+    """The job file of a dead worker, its envelope's ``delivery`` counted up."""
+    try:
+        decoded = json.loads(data)
+        envelope = decoded["huey"]["args"][0]
+        envelope["delivery"] = int(envelope.get("delivery", 1)) + 1
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
+        return data  # not a job of ours: the next worker dead-letters it as it is
+    return json.dumps(decoded, separators=(",", ":")).encode()
+
+
 class JSONMessageSerializer(Serializer):
     """Huey messages as JSON. An unreadable or foreign file becomes a dead-letter message."""
 
@@ -135,6 +146,7 @@ class HueyDriver(QueueDriver):
     def _build_huey(self) -> Huey:
         huey = CoatiHuey("coati", results=False, utc=True, serializer=JSONMessageSerializer(),
                          storage_class=QueueFileStorage, path=self.path)
+        huey.storage.mark_redelivered = mark_redelivered
         huey.task(name=EXECUTE_TASK, retries=0)(self._run_envelope)
         huey.task(name=DEAD_LETTER_TASK, retries=0)(self._dead_letter)
         return huey
@@ -182,10 +194,14 @@ class HueyDriver(QueueDriver):
                 delayed.append((data, eta.replace(tzinfo=None), priority, job.id))
             else:
                 ready.append((data, priority, job.id))
-        if ready:
-            storage.enqueue_many(ready)
-        for data, eta, priority, job_id in delayed:
-            storage.add_to_schedule(data, eta, priority=priority, job_id=job_id)
+        try:
+            if ready:
+                storage.enqueue_many(ready)
+            for data, eta, priority, job_id in delayed:
+                storage.add_to_schedule(data, eta, priority=priority, job_id=job_id)
+        except OSError as exc:  # disk full, directory gone or made read-only
+            raise StorageUnavailable(f"Huey storage at {self.path} refused the send: "
+                                     f"{exc.strerror or exc}") from None
 
     def queue_depths(self) -> dict[str, dict[str, int]]:
         storage = self.huey.storage

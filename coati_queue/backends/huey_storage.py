@@ -37,7 +37,7 @@ import threading
 import time
 from collections import Counter, deque
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from huey.constants import EmptyData
 from huey.storage import FileStorage
@@ -89,6 +89,9 @@ class QueueFileStorage(FileStorage):
         self._reservation: tuple[int, str, str, int] | None = None
         self._reservation_lock = threading.Lock()
         self._local = threading.local()  # .claimed: the file this thread's task runs from
+        # Set by the driver: how a message given back from a dead worker is marked as
+        # a redelivery (its worker may have run it), so the next worker claims first.
+        self.mark_redelivered: Callable[[bytes], bytes] | None = None
 
     # -- names ------------------------------------------------------------
     def _prefix(self, priority: int) -> str:
@@ -255,13 +258,32 @@ class QueueFileStorage(FileStorage):
             except FileNotFoundError:
                 logger.warning("Reserved file %s was already gone", claimed)
 
-    def _give_back_folder(self, folder: str) -> int:
-        """Move a folder's job files back to the queue under their names; drop the folder."""
+    def _give_back_folder(self, folder: str, redelivered: bool = False) -> int:
+        """Move a folder's job files back to the queue under their names; drop the folder.
+
+        ``redelivered``: the folder's worker died, so its jobs may have run; each is
+        rewritten through ``mark_redelivered`` (a new file renamed into the queue,
+        then the reserved one removed: a crash in between leaves both, and the
+        claim of the record runs the job once).
+        """
         moved = 0
         for name in _listdir(folder):
             if QUEUE_NAME.fullmatch(name):
+                source = os.path.join(folder, name)
                 try:
-                    os.rename(os.path.join(folder, name), os.path.join(self.queue_path, name))
+                    if redelivered and self.mark_redelivered is not None:
+                        data = _read(source)
+                        if data is None:
+                            continue
+                        marked = self.mark_redelivered(data)
+                        try:
+                            self._write(self.queue_path, name, marked)
+                        except FileExistsError:  # a reclaimer that died mid-write left it
+                            os.unlink(os.path.join(self.queue_path, name + ".tmp"))
+                            self._write(self.queue_path, name, marked)
+                        os.unlink(source)
+                    else:
+                        os.rename(source, os.path.join(self.queue_path, name))
                     moved += 1
                 except FileNotFoundError:
                     continue
@@ -303,7 +325,8 @@ class QueueFileStorage(FileStorage):
             if (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino):
                 return 0  # reclaimed and removed while we waited to open it
             with self._giveback_guard(exclusive=True):
-                moved = self._give_back_folder(os.path.join(self.reserved_path, token))
+                moved = self._give_back_folder(os.path.join(self.reserved_path, token),
+                                               redelivered=True)
                 os.unlink(lock_path)  # last: a crash before this leaves it reclaimable
         finally:
             os.close(fd)

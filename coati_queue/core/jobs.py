@@ -100,6 +100,10 @@ class Job:
     enqueued_at: float = field(default_factory=time.time)
     eta: float | None = None
     batch_id: int | None = None
+    # 1 for a message as first sent. Above 1 when this attempt may have been delivered
+    # before: given back after its worker died, or re-sent from its record. Only such
+    # deliveries pay for claiming the record before running (coati_queue.claims).
+    delivery: int = 1
     v: int = ENVELOPE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,7 +148,12 @@ class Job:
         return max(self.max_retries - (self.attempt - 1), 0)
 
     def next_attempt(self) -> "Job":
-        return replace(self, attempt=self.attempt + 1)
+        return replace(self, attempt=self.attempt + 1, delivery=1)
+
+    @property
+    def redelivered(self) -> bool:
+        """This attempt may have run (or be running) already: claim before running."""
+        return self.delivery > 1
 
     def backoff_ms(self, rng: random.Random | None = None) -> int:
         """Exponential backoff with jitter, within [min_backoff, max_backoff].
@@ -189,6 +198,7 @@ def _field_problems(data: dict[str, Any]) -> list[str]:
         "enqueued_at": (_is_time, "a Unix time"),
         "eta": (lambda v: v is None or _is_time(v), "null or a Unix time"),
         "batch_id": (lambda v: v is None or _is_int(v, 1, 2 ** 63 - 1), "null or a positive id"),
+        "delivery": (lambda v: _is_int(v, 1, 2 ** 31 - 1), "a positive whole number"),
         "v": (lambda v: v == ENVELOPE_VERSION, f"{ENVELOPE_VERSION}"),
     }
     for name, (valid, expected) in checks.items():
