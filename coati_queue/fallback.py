@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from dataclasses import replace
 from typing import Any
 
 from .core.exceptions import InvalidJob
@@ -25,10 +26,20 @@ SCHEDULE_HORIZON = datetime.datetime(9999, 1, 1)
 
 
 def fallback_directories(settings: Any) -> list[str]:
-    """The Huey candidates of this host that exist (none is created by looking)."""
-    from .selection import huey_path_candidates
+    """The Huey candidates of this host that exist and are safe (none is created by
+    looking): a directory another user could write to is never drained."""
+    from .selection import directory_problem, huey_path_candidates
 
-    return [path for path, _label in huey_path_candidates(settings) if os.path.isdir(path)]
+    usable = []
+    for path, _label in huey_path_candidates(settings):
+        if not os.path.isdir(path):
+            continue
+        problem = directory_problem(path, create=False)
+        if problem is not None:
+            logger.error("Not draining the Huey directory %s: %s", path, problem.reason)
+            continue
+        usable.append(path)
+    return usable
 
 
 def waiting_in_fallback(driver: Any) -> dict[str, int]:
@@ -43,11 +54,21 @@ def waiting_in_fallback(driver: Any) -> dict[str, int]:
     return waiting
 
 
+def fallback_job_ids(driver: Any) -> set[str]:
+    """Ids of the jobs in this host's Huey directories (Dramatiq only; one listing each)."""
+    if driver.name != "dramatiq":
+        return set()
+    return set().union(*(_fallback_driver(driver, path).huey.storage.present_job_ids()
+                         for path in fallback_directories(driver.settings)))
+
+
 def _fallback_driver(driver: Any, path: str) -> Any:
     from .backends.huey import HueyDriver
 
+    from .selection import verify_huey_directory
+
     return HueyDriver(driver.settings, path=path, reason="fallback directory",
-                      middleware=driver.middleware.middleware)
+                      middleware=driver.middleware.middleware, verify_path=verify_huey_directory)
 
 
 def drain_fallback_directories(driver: Any) -> int:
@@ -87,4 +108,6 @@ def _move(driver: Any, fallback: Any, data: bytes) -> None:
     except InvalidJob as exc:
         driver.middleware.after("after_invalid_message", driver, data, exc)
         return
-    driver.send([job])  # eta kept: a delayed job stays delayed
+    # Marked as a possible redelivery (claimed before it runs): a reconciler on
+    # another host may have re-sent it from its record while it waited here.
+    driver.send([replace(job, delivery=job.delivery + 1)])  # eta kept: delayed stays delayed

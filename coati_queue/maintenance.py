@@ -56,10 +56,12 @@ def due_tasks(settings: Any) -> list[tuple[str, float, Callable[[Any], None], bo
     """(name, interval in seconds, function, run at start) of the enabled tasks."""
     every = settings.RECONCILE_INTERVAL
     return [(name, interval, func, at_start) for name, interval, func, at_start in [
+        # The fallback first: its jobs are pending records whose message is not in
+        # Redis yet, which the reconciler would otherwise send a second time.
+        ("fallback directory", every, drain_fallback, True),
         ("relay and reconciler", every, reconcile_delivery, True),
         ("stalled batches", every, reconcile_batches, True),
         ("broker dead letters", every, collect_dead_letters, True),
-        ("fallback directory", every, drain_fallback, True),
         ("expired records", settings.CLEANUP_INTERVAL, delete_expired_records, False),
     ] if interval]
 

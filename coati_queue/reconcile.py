@@ -162,12 +162,20 @@ def resend_vanished(driver: Any, now: datetime.datetime, report: ReconcileReport
     if not records:
         return
     missing = driver.missing_jobs([(str(r.id), r.attempts, r.queue) for r in records])
+    missing -= _waiting_in_fallback(driver)
     for record in records:
         if str(record.id) in missing and _resend(driver, record, record.attempts + 1,
                                                   status=TaskStatus.PENDING):
             report.resent += 1
             logger.warning("Task %s (%s): its message was gone from the broker; sent again "
                            "from its record.", record.pk, record.task_name)
+
+
+def _waiting_in_fallback(driver: Any) -> set[str]:
+    """Ids on this host's Huey fallback: not lost, on their way to Redis."""
+    from .fallback import fallback_job_ids
+
+    return fallback_job_ids(driver)
 
 
 def reconcile(driver: Any, now: datetime.datetime | None = None) -> ReconcileReport:

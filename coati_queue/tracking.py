@@ -30,7 +30,7 @@ from .claims import ClaimRefused, ClaimRequest, fail_lost, write_claim_group
 from .core.exceptions import InvalidJob, SkipJob
 from .core.jobs import Job
 from .core.middleware import Middleware
-from .models import FINISHED_TASK_STATES, TaskResult, TaskStatus
+from .models import FINISHED_TASK_STATES, PayrollBatch, TaskResult, TaskStatus
 from .reconcile import OutboxRelay
 
 if TYPE_CHECKING:
@@ -230,6 +230,10 @@ class TrackingMiddleware(Middleware):
         started = timezone.now()
         row = record_from_job(job, driver.name, status=TaskStatus.PROCESSING,
                               attempts=job.attempt, started_at=started, worker_id=self.worker_id)
+        if job.batch_id is not None and not PayrollBatch.objects.filter(pk=job.batch_id).exists():
+            # Checked here, not left to the database: a first delivery writes no claim,
+            # and a forged batch id must not reach the batch's task or its counters.
+            raise InvalidJob(f"message names batch {job.batch_id}, which does not exist")
         if driver.runs_in_caller or not job.redelivered:
             # A first delivery: the broker gave it to this worker alone, so its state is
             # buffered like the outcome (no query on the task's path).

@@ -2,13 +2,15 @@
 
 SIGTERM/SIGINT once: stop taking work, let in-flight tasks finish (Dramatiq
 gives unacked messages back to Redis), flush tracking, exit 0. SIGQUIT, or a
-second SIGTERM/SIGINT to a worker run on its own: exit at once with status 1;
-what was in flight is given back by the broker (Huey reservation, Redis ack
-timeout) and re-run. A child of ``runworkers --processes N`` ignores repeats
-of SIGTERM/SIGINT: a signal sent to the whole process group (systemd's
-``KillMode=control-group``, Ctrl-C) reaches it twice, once from the kernel and
-once forwarded by its supervisor, and must still mean one graceful stop; the
-supervisor turns a real second signal into SIGQUIT.
+second SIGTERM/SIGINT: exit at once with status 1; what was in flight is given
+back by the broker (Huey reservation, Redis redelivery) and runs again.
+
+A child of ``runworkers`` (``--supervised``) takes its orders from the
+supervisor only: SIGUSR1 = graceful stop, SIGQUIT = exit now. It ignores
+SIGTERM/SIGINT, because a signal sent to the whole process group (systemd's
+``KillMode=control-group``, Ctrl-C) reaches it as well as the supervisor, which
+passes each stop on exactly once; and it stops gracefully on its own when the
+supervisor is gone.
 
 Besides the consumer, a maintenance thread runs every ``RECONCILE_INTERVAL``:
 the outbox relay and the reconciler (``coati_queue.reconcile``), stalled
@@ -36,6 +38,9 @@ from .models import WorkerHeartbeat
 logger = logging.getLogger("coati_queue.worker")
 
 BURST_IDLE_CHECKS = 3
+#: What the supervisor sends its children for a graceful stop: a signal nobody else
+#: sends, so a stop sent to the whole process group is not counted twice.
+SUPERVISOR_STOP = signal.SIGUSR1
 
 
 class WorkerProcess:
@@ -59,16 +64,18 @@ class WorkerProcess:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
-        if signum == signal.SIGQUIT or (self.stopping.is_set() and not self.supervised):
+        if self.supervised and signum in (signal.SIGTERM, signal.SIGINT):
+            # Sent to the whole group (systemd, Ctrl-C): the supervisor got it too and
+            # decides. Obeying it here as well would make one stop look like two.
+            logger.debug("%s ignored: the supervisor passes stops on.", name)
+            return
+        if signum == signal.SIGQUIT or self.stopping.is_set():
             logger.warning("%s: exiting now; in-flight tasks are given back and run again.",
                            name)
             os._exit(1)
-        if self.stopping.is_set():
-            logger.info("%s again: already finishing in-flight tasks (SIGQUIT exits now).",
-                        name)
-            return
-        logger.info("%s received: finishing in-flight tasks (%s to exit now).", name,
-                    "SIGQUIT" if self.supervised else "send again")
+        what = "stop requested by the supervisor" if self.supervised else f"{name} received"
+        logger.info("%s: finishing in-flight tasks (%s to exit now).", what,
+                    "a second stop" if self.supervised else "send again or SIGQUIT")
         self.stopping.set()
 
     def run(self) -> int:
@@ -76,7 +83,7 @@ class WorkerProcess:
         if self.poll_ms is not None:
             options["poll_ms"] = self.poll_ms
         consumer = self.driver.start_consumer(self.queues, self.threads, **options)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, SUPERVISOR_STOP):
             signal.signal(signum, self._on_signal)
         self.driver.middleware.before("worker_started", self.driver, self)
         logger.info("Worker %s consuming %s with %d thread(s) on %s", self.worker_id,
@@ -85,13 +92,27 @@ class WorkerProcess:
         try:
             self._loop(consumer)
         finally:
-            consumer.stop(graceful=True)
+            self._stop_consumer(consumer)
             self._collect_dead_letters()
             self.driver.middleware.after("worker_stopped", self.driver, self)
             self._beat(stopped=True)
             connections.close_all()
         logger.info("Worker %s stopped.", self.worker_id)
         return 0
+
+    def _stop_consumer(self, consumer: Any) -> None:
+        """Graceful stop in a helper thread, the main thread waiting in short joins.
+
+        Python runs signal handlers in the main thread only, when it runs Python
+        code; a main thread blocked in one long join would not see a second signal
+        that the kernel happened to deliver to another thread (two signals landing
+        together, as a process-group SIGTERM plus the supervisor's SIGQUIT do).
+        """
+        stopper = threading.Thread(target=consumer.stop, kwargs={"graceful": True},
+                                   name="coati-stop", daemon=True)
+        stopper.start()
+        while stopper.is_alive():
+            stopper.join(0.1)
 
     def _loop(self, consumer: Any) -> None:
         settings = self.driver.settings
@@ -103,8 +124,13 @@ class WorkerProcess:
                                              daemon=True)
         self._maintenance.start()
         idle_checks = 0
+        parent = os.getppid()
         while not self.stopping.wait(0.1):
             now = time.monotonic()
+            if self.supervised and os.getppid() != parent:
+                logger.warning("The supervisor (pid %d) is gone: finishing in-flight tasks.",
+                               parent)
+                return
             if now >= next_beat:
                 self._beat()
                 next_beat = now + interval

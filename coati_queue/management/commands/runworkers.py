@@ -13,6 +13,7 @@ from argparse import ArgumentTypeError
 from django.core.management.base import BaseCommand, CommandError
 
 from coati_queue.conf import get_settings
+from coati_queue.worker import SUPERVISOR_STOP
 
 
 def positive_int(text: str) -> int:
@@ -88,11 +89,10 @@ class Command(BaseCommand):
     def _supervise(self, processes, backend, options, queues, threads):
         """Start one child per process and pass signals on; exit with the worst status.
 
-        A first SIGTERM/SIGINT is passed on as SIGTERM (graceful: children finish
+        A first SIGTERM/SIGINT is passed on as SIGUSR1 (graceful: children finish
         in-flight tasks); a second one as SIGQUIT (children exit at once, their
-        in-flight work is given back by the broker). Children may also receive the
-        same signal straight from the kernel (a signal to the process group); they
-        take repeats of SIGTERM/SIGINT as the same graceful stop.
+        in-flight work is given back by the broker). Children ignore SIGTERM and
+        SIGINT, which reach them too when the whole process group is signalled.
         """
         command = [sys.executable, "-m", "django", "runworkers", "--processes", "1",
                    "--threads", str(threads), "--queues", ",".join(queues),
@@ -111,7 +111,7 @@ class Command(BaseCommand):
 
         def forward(signum, frame):
             received.append(signum)
-            passed_on = signal.SIGTERM if len(received) == 1 else signal.SIGQUIT
+            passed_on = SUPERVISOR_STOP if len(received) == 1 else signal.SIGQUIT
             for child in children:
                 if child.poll() is None:
                     child.send_signal(passed_on)
