@@ -14,7 +14,10 @@ class CoatiQueueConfig(AppConfig):
         from django.utils.module_loading import autodiscover_modules
 
         from . import checks  # noqa: F401  (registers system checks)
+        from .redis_url import hide_redis_url_on_error_pages
         from .selection import reset_on_setting_changed
+
+        hide_redis_url_on_error_pages()  # DEBUG pages show REDIS_URL as stars
 
         setting_changed.connect(reset_on_setting_changed, dispatch_uid="coati_queue_reset")
         # Import tasks.py of every installed app (and our own payroll tasks) so a

@@ -38,6 +38,13 @@ def _optional_str(value: Any) -> str | None:
     return None if value in (None, "") else str(value)
 
 
+def _redis_url(value: Any) -> str | None:
+    """The URL as a ``str`` whose repr hides the password (DEBUG pages show locals)."""
+    from .redis_url import secret_url
+
+    return secret_url(_optional_str(value))
+
+
 def _setting(default: Any, parse: Callable[[Any], Any] = lambda v: v, env: str | None = None,
              doc: str = "", secret: bool = False) -> Any:
     # A secret stays out of repr(): a DEBUG error page shows the locals that hold settings.
@@ -53,7 +60,7 @@ class QueueSettings:
                             "auto, dramatiq, huey or immediate")
     ENABLED: bool = _setting(True, _to_bool, "QUEUE_ENABLED",
                              "False: tasks run synchronously in the caller, still tracked")
-    REDIS_URL: str | None = _setting(None, _optional_str, "REDIS_URL",
+    REDIS_URL: str | None = _setting(None, _redis_url, "REDIS_URL",
                                      "Redis for the Dramatiq backend", secret=True)
     REDIS_TIMEOUT: float = _setting(0.5, float, "COATI_QUEUE_REDIS_TIMEOUT",
                                     "seconds auto waits for Redis PING")
@@ -65,7 +72,8 @@ class QueueSettings:
     ENQUEUE_ON_COMMIT: bool = _setting(True, _to_bool, None,
                                        "send after the surrounding transaction commits")
     MAX_RETRIES: int = _setting(3, int, None, "default retries after the first attempt")
-    MIN_BACKOFF: int = _setting(15_000, int, None, "first retry delay, milliseconds")
+    MIN_BACKOFF: int = _setting(15_000, int, None, "first retry delay, at most (jittered "
+                                "between half and all of it), milliseconds")
     MAX_BACKOFF: int = _setting(3_600_000, int, None, "largest retry delay, milliseconds")
     TIME_LIMIT: int | None = _setting(None, lambda v: None if v is None else int(v), None,
                                       "default task time limit, milliseconds (Dramatiq only)")
@@ -99,6 +107,8 @@ class QueueSettings:
         512 * 1024, int, None, "largest encoded job in bytes, checked at send and in workers")
     DEAD_LETTER_PAYLOAD_LIMIT: int = _setting(
         64 * 1024, int, None, "bytes of a dead letter's raw payload that are kept")
+    STRICT: bool = _setting(False, _to_bool, "COATI_QUEUE_STRICT",
+                            "stricter checks: an evicting Redis maxmemory-policy is an error")
     METRICS_TOKEN: str | None = _setting(None, _optional_str, "COATI_QUEUE_METRICS_TOKEN",
                                          "bearer token for /metrics without a session",
                                          secret=True)

@@ -4,8 +4,10 @@ A fresh ``CollectorRegistry`` per scrape with one custom collector: nothing is
 kept in process memory, so every web process answers the same numbers (the
 task records are the source of truth) and nothing leaks between tests.
 Every query is a GROUP BY with a bounded result: per task name, per
-queue or per dead-letter source. Counters add the tallies of deleted records (``tallies.py``), so a
-TTL cleanup never makes one go down.
+queue or per dead-letter source; task names that are not registered share
+one label, ``<unregistered>``, so planted names cannot create series.
+Counters add the tallies of deleted records (``tallies.py``), so a TTL
+cleanup never makes one go down.
 """
 
 from __future__ import annotations
@@ -26,6 +28,26 @@ from .tallies import BUCKET_KEYS, DURATION_BUCKETS, current_totals
 logger = logging.getLogger("coati_queue")
 
 BATCHES_EXPORTED = 100
+#: The one ``task`` label of every task name this process has not registered.
+UNREGISTERED = "<unregistered>"
+
+
+def bounded_by_task(totals: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per-task totals with the names that are not registered summed under one label.
+
+    Task names reach the database from messages (a forged or stale message, a
+    renamed task), so labelling by every name found would let anyone able to
+    write to the broker create unbounded series; the registered names are
+    bounded by the code.
+    """
+    from .core.tasks import registry
+
+    merged: dict[str, dict[str, float]] = {}
+    for name, counts in totals.items():
+        target = merged.setdefault(name if name in registry else UNREGISTERED, {})
+        for key, count in counts.items():
+            target[key] = target.get(key, 0.0) + count
+    return merged
 
 
 class QueueCollector:
@@ -42,8 +64,9 @@ class QueueCollector:
         yield self.dead_letters()
 
     def task_counts(self) -> Iterator[Metric]:
-        """Counters and the duration histogram: live records plus tallies of deleted ones."""
-        totals = current_totals()
+        """Counters and the duration histogram: live records plus tallies of deleted ones;
+        one ``task`` label per registered task, plus ``<unregistered>``."""
+        totals = bounded_by_task(current_totals())
         tasks = CounterMetricFamily("coati_tasks", "Tasks by outcome (enqueued counts every "
                                     "task record ever written).", labels=["task", "status"])
         retries = CounterMetricFamily("coati_task_retries", "Extra attempts of tasks "

@@ -16,24 +16,38 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
-from django.db.models import Count
+from django.db.models import Count, QuerySet
 from django.db.models.functions import TruncMinute
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from django.utils.formats import date_format
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
-from django.utils.translation import gettext, ngettext
+from django.utils.translation import gettext, ngettext, pgettext_lazy
 
 from .conf import get_settings
 from .core.exceptions import CoatiQueueError
-from .models import PayrollBatch, TaskResult, TaskStatus
+from .models import ACTIVE_BATCH_STATES, TaskResult, TaskStatus
 from .redis_url import scrub
 
 logger = logging.getLogger("coati_queue")
 
 CHART_MINUTES = 60
 ACTIVE_BATCHES_LISTED = 20
+
+#: How a system-check finding shows on the overview: its level's word and badge colour.
+FINDING_STYLE = {
+    "critical": {"label": pgettext_lazy("system check level", "critical"),
+                 "badge": "coati-status-failed"},
+    "error": {"label": pgettext_lazy("system check level", "error"),
+              "badge": "coati-status-failed"},
+    "warning": {"label": pgettext_lazy("system check level", "warning"),
+                "badge": "coati-status-lost"},
+    "info": {"label": pgettext_lazy("system check level", "info"),
+             "badge": "coati-status-pending"},
+    "debug": {"label": pgettext_lazy("system check level", "debug"),
+              "badge": "coati-status-pending"},
+}
 
 
 def broker_errors() -> tuple[type[BaseException], ...]:
@@ -141,8 +155,13 @@ def _stats_without_broker(settings: Any, driver: Any = None) -> dict[str, Any]:
             "dead_letters": dead_letter_counts(), "degraded": []}
 
 
-def overview_context() -> dict[str, Any]:
-    """Everything the overview template shows; no password can reach it."""
+def overview_context(batches: QuerySet | None = None) -> dict[str, Any]:
+    """Everything the overview template shows; no password can reach it.
+
+    ``batches``: the payroll batches the viewer may open (None: lists none); the
+    active ones among them are listed.
+    """
+    from .checks import health_findings
     from .selection import get_queue_driver
     from .stats import collect_stats
 
@@ -175,7 +194,10 @@ def overview_context() -> dict[str, Any]:
         "workers_alive": alive,
         "workers_summary": ngettext("%(alive)s worker alive", "%(alive)s workers alive", alive)
         % {"alive": alive},
-        "active_batches": list(PayrollBatch.objects.active()
-                               .order_by("-created_at")[:ACTIVE_BATCHES_LISTED]),
+        "active_batches": [] if batches is None else list(
+            batches.filter(status__in=ACTIVE_BATCH_STATES)
+            .order_by("-created_at")[:ACTIVE_BATCHES_LISTED]),
+        "findings": [{**finding, **FINDING_STYLE.get(finding["level"], FINDING_STYLE["info"])}
+                     for finding in health_findings()],
     }
 

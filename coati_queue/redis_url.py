@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 #: redis-py also reads the password from the query string: ``?password=secret``.
@@ -57,3 +58,60 @@ def scrub(text: str, url: str | None) -> str:
     for secret in secrets:
         text = text.replace(secret, "***")
     return text
+
+
+class RedisURL(str):
+    """A Redis URL that works wherever a ``str`` does, but whose ``repr`` masks the password.
+
+    Django's DEBUG error page prints every local variable of every frame with
+    ``repr`` (``sensitive_variables`` is ignored while ``DEBUG`` is on), so a
+    plain string holding the URL would show the password; this one shows
+    ``'redis://:***@host/0'``. ``str(url)`` and every string operation still see
+    the real URL (redis-py needs it).
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(mask_redis_url(str(self)))
+
+
+def secret_url(url: str | None) -> RedisURL | None:
+    """``url`` as a :class:`RedisURL` (None and "" stay None)."""
+    if not url:
+        return None
+    return url if isinstance(url, RedisURL) else RedisURL(url)
+
+
+#: Setting names whose values Django's error pages and error e-mails replace with stars,
+#: on top of Django's own API|AUTH|TOKEN|KEY|SECRET|PASS|SIGNATURE|HTTP_COOKIE.
+HIDDEN_SETTING_NAMES = ("REDIS_URL",)
+
+
+def hidden_settings_pattern(base: re.Pattern[str]) -> re.Pattern[str]:
+    """Django's ``hidden_settings`` pattern extended with :data:`HIDDEN_SETTING_NAMES`."""
+    extra = [name for name in HIDDEN_SETTING_NAMES if not base.search(name)]
+    if not extra:
+        return base
+    return re.compile("|".join([base.pattern, *extra]), base.flags)
+
+
+def hide_redis_url_on_error_pages() -> None:
+    """Make Django's error pages hide ``REDIS_URL`` with no setting to add.
+
+    Django's ``SafeExceptionReporterFilter`` replaces settings (and keys of
+    dict settings such as ``COATI_QUEUE``, and ``request.META`` entries such as
+    an environment variable under ``runserver``) whose name matches its
+    ``hidden_settings``; ``REDIS_URL`` does not match it, so its password would
+    show. This extends the pattern of the filter class (and so of every
+    subclass that does not replace the pattern). Idempotent. A project whose own
+    ``DEFAULT_EXCEPTION_REPORTER_FILTER`` sets its own ``hidden_settings`` wraps it:
+    ``hidden_settings = hidden_settings_pattern(re.compile("...", re.I))``.
+    """
+    from django.views.debug import SafeExceptionReporterFilter
+
+    current = SafeExceptionReporterFilter.hidden_settings
+    extended = hidden_settings_pattern(current)
+    if extended is not current:
+        SafeExceptionReporterFilter.hidden_settings = extended
+

@@ -81,7 +81,7 @@ def test_json_output_has_the_documented_shape_and_counts(stats_backend):
     populate(driver)
     data = json.loads(queuestats("--json"))
     assert set(data) == {"backend", "reason", "location", "queues", "workers", "dead_letters",
-                         "degraded"}
+                         "degraded", "findings"}
     assert data["backend"] == name
     assert data["reason"] == driver.reason
     assert data["location"] == driver.describe()

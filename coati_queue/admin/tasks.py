@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from django.contrib import admin, messages
@@ -27,7 +28,8 @@ from django.utils.translation import gettext, gettext_lazy as _, ngettext
 from ..conf import get_settings
 from ..core.exceptions import TaskNotRegistered
 from ..core.tasks import registry
-from ..models import FINISHED_TASK_STATES, TaskResult, TaskStatus, WorkerHeartbeat
+from ..models import (FINISHED_TASK_STATES, PayrollBatch, TaskResult, TaskStatus,
+                      WorkerHeartbeat)
 from ..tallies import delete_task_records
 from . import display
 from .readonly import ReadOnlyPostMixin
@@ -36,44 +38,72 @@ from .readonly import ReadOnlyPostMixin
 RETRY_ALL_LIMIT = 5000
 
 
-def retry_records(records: Iterable[TaskResult]) -> tuple[int, dict[str, str]]:
+class AlreadyRetried(Exception):
+    def __init__(self, retry_id: Any):
+        super().__init__(retry_id)
+        self.retry_id = retry_id
+
+
+@dataclass
+class RetryOutcome:
+    retried: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)  # task name -> why not
+    already_retried: list[tuple[Any, Any]] = field(default_factory=list)  # (record, its retry)
+
+
+def retry_records(records: Iterable[TaskResult]) -> RetryOutcome:
     """Re-enqueue each record as a NEW task whose ``retry_of`` is the original.
 
     Each retry is one transaction: its record, its ``retry_of`` link and the
     send succeed or fail together, so a broker that is down leaves no
     pending record that was never sent (the original stays retryable).
-    Returns (retried, {task name: why skipped}).
+
+    Idempotent: a record that was retried already (it has a record whose
+    ``retry_of`` is it) is left alone, so a double click, a resubmitted form or
+    two admins at once enqueue it once. The original row is locked first
+    (``SELECT ... FOR UPDATE``; on SQLite the IMMEDIATE transaction takes the
+    write lock), so two concurrent requests cannot both see "not retried yet".
     """
     from ..monitoring import broker_errors
     from ..redis_url import error_text
     from ..selection import get_queue_driver
 
     driver = get_queue_driver()
-    retried = 0
-    skipped: dict[str, str] = {}
+    outcome = RetryOutcome()
     for record in records:
         try:
             task = registry.get(record.task_name)
         except TaskNotRegistered:
-            skipped[record.task_name] = gettext("not registered in this process")
+            outcome.skipped[record.task_name] = gettext("not registered in this process")
             continue
         queue = record.queue if record.queue in driver.settings.QUEUES else None
         try:
             with transaction.atomic():
+                locked = TaskResult.objects.select_for_update().filter(pk=record.pk)
+                if not locked.exists():
+                    continue  # deleted meanwhile
+                earlier = (TaskResult.objects.filter(retry_of_id=record.pk)
+                           .order_by("enqueued_at").values_list("pk", flat=True).first())
+                if earlier is not None:
+                    raise AlreadyRetried(earlier)
                 new_id = driver.enqueue_task(task, list(record.args or []),
                                              dict(record.kwargs or {}), queue=queue,
                                              on_commit=False, task_id=None)
                 TaskResult.objects.filter(pk=uuid.UUID(str(new_id))).update(
                     retry_of_id=record.pk)
+        except AlreadyRetried as exc:
+            outcome.already_retried.append((record.pk, exc.retry_id))
+            continue
         except (TypeError, ValueError) as exc:
-            skipped[record.task_name] = str(exc)
+            outcome.skipped[record.task_name] = str(exc)
             continue
         except broker_errors() as exc:  # the rest would fail the same way
-            skipped[record.task_name] = gettext("the queue is unavailable: %(error)s") % {
+            outcome.skipped[record.task_name] = gettext(
+                "the queue is unavailable: %(error)s") % {
                 "error": error_text(exc, driver.settings.REDIS_URL)}
             break
-        retried += 1
-    return retried, skipped
+        outcome.retried += 1
+    return outcome
 
 
 class TaskResultAdmin(ReadOnlyPostMixin, admin.ModelAdmin):
@@ -186,7 +216,8 @@ class TaskResultAdmin(ReadOnlyPostMixin, admin.ModelAdmin):
                 % {"count": unfinished}, messages.WARNING)
 
     # -- actions ------------------------------------------------------------
-    def _report(self, request: HttpRequest, retried: int, skipped: dict[str, str]) -> None:
+    def _report(self, request: HttpRequest, outcome: RetryOutcome) -> None:
+        retried, skipped = outcome.retried, outcome.skipped
         if retried:
             self.message_user(request, ngettext(
                 "%(count)s task was re-enqueued as a new record.",
@@ -196,15 +227,26 @@ class TaskResultAdmin(ReadOnlyPostMixin, admin.ModelAdmin):
             self.message_user(request, gettext("Tasks named %(name)s were not retried: "
                                                "%(why)s.") % {"name": name, "why": why},
                               messages.WARNING)
-        if not retried and not skipped:
+        already = outcome.already_retried
+        if len(already) == 1:
+            (original, retry), = already
+            self.message_user(request, gettext(
+                "Task %(id)s was already retried as %(retry)s; nothing was enqueued again. "
+                "Retry that record if it failed too.") % {"id": original, "retry": retry},
+                messages.WARNING)
+        elif already:
+            self.message_user(request, ngettext(
+                "%(count)s selected task was already retried; it was not enqueued again.",
+                "%(count)s selected tasks were already retried; they were not enqueued again.",
+                len(already)) % {"count": len(already)}, messages.WARNING)
+        if not retried and not skipped and not already:
             self.message_user(request, gettext("Nothing to retry."), messages.WARNING)
 
     @admin.action(permissions=["change"], description=_("Retry selected tasks"))
     def retry_selected(self, request: HttpRequest, queryset: QuerySet) -> None:
         finished = queryset.filter(status__in=FINISHED_TASK_STATES)
         unfinished = queryset.exclude(status__in=FINISHED_TASK_STATES).count()
-        retried, skipped = retry_records(finished.order_by("enqueued_at"))
-        self._report(request, retried, skipped)
+        self._report(request, retry_records(finished.order_by("enqueued_at")))
         if unfinished:
             self.message_user(request, ngettext(
                 "%(count)s selected task has not finished yet and was left alone.",
@@ -217,9 +259,9 @@ class TaskResultAdmin(ReadOnlyPostMixin, admin.ModelAdmin):
         names = list(queryset.order_by().values_list("task_name", flat=True).distinct())
         failed = (TaskResult.objects.failed().filter(task_name__in=names, retries__isnull=True)
                   .order_by("enqueued_at"))
-        retried, skipped = retry_records(failed[:RETRY_ALL_LIMIT])
-        self._report(request, retried, skipped)
-        if retried == RETRY_ALL_LIMIT:
+        outcome = retry_records(failed[:RETRY_ALL_LIMIT])
+        self._report(request, outcome)
+        if outcome.retried == RETRY_ALL_LIMIT:
             self.message_user(request, gettext("Only the first %(limit)s failed tasks were "
                                                "retried; run the action again for the rest.")
                               % {"limit": RETRY_ALL_LIMIT}, messages.WARNING)
@@ -242,11 +284,24 @@ class TaskResultAdmin(ReadOnlyPostMixin, admin.ModelAdmin):
             raise PermissionDenied
         from ..monitoring import overview_context
 
-        context = {**self.admin_site.each_context(request), **overview_context(),
+        context = {**self.admin_site.each_context(request),
+                   **overview_context(self._viewable_batches(request)),
                    "opts": self.opts, "title": display.QUEUE_OVERVIEW, "media": self.media}
-        context["active_batches"] = [(batch, display.progress_bar(batch.progress()))
-                                     for batch in context["active_batches"]]
+        # Per object too: an object-permission backend (django-guardian) may refuse some.
+        batch_admin = self.admin_site._registry.get(PayrollBatch)
+        context["active_batches"] = [
+            (batch, display.progress_bar(batch.progress()))
+            for batch in context["active_batches"]
+            if batch_admin.has_view_or_change_permission(request, batch)]
         return TemplateResponse(request, "admin/coati_queue/taskresult/overview.html", context)
+
+    def _viewable_batches(self, request: HttpRequest) -> QuerySet | None:
+        """The batches this user may open, as the batch admin decides (its permissions
+        and its ``get_queryset``, which a project may narrow); None: none."""
+        batch_admin = self.admin_site._registry.get(PayrollBatch)
+        if batch_admin is None or not batch_admin.has_view_or_change_permission(request):
+            return None
+        return batch_admin.get_queryset(request)
 
 
 def format_html_join_lines(retries: list[tuple[Any, str]]) -> str:

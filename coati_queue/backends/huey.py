@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import threading
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from huey import Huey
 from huey.registry import Message
@@ -124,9 +124,13 @@ class CoatiHuey(Huey):
 class HueyDriver(QueueDriver):
     name = "huey"
 
-    def __init__(self, settings: Any, *, path: str, reason: str = "", **kwargs: Any):
+    def __init__(self, settings: Any, *, path: str, reason: str = "",
+                 verify_path: Callable[[str], None] | None = None, **kwargs: Any):
         super().__init__(settings, reason=reason, **kwargs)
         self.path = path
+        # The Django layer's directory check, run again when the storage is opened:
+        # the directory may have been swapped or opened up since it was chosen.
+        self.verify_path = verify_path
         self._huey: Huey | None = None
         self._lock = threading.Lock()
         self._priority = {q: settings.queue_priority(q) for q in settings.QUEUES}
@@ -144,6 +148,8 @@ class HueyDriver(QueueDriver):
         return self._huey
 
     def _build_huey(self) -> Huey:
+        if self.verify_path is not None:
+            self.verify_path(self.path)
         huey = CoatiHuey("coati", results=False, utc=True, serializer=JSONMessageSerializer(),
                          storage_class=QueueFileStorage, path=self.path)
         huey.storage.mark_redelivered = mark_redelivered

@@ -41,6 +41,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 from huey.constants import EmptyData
 from huey.storage import FileStorage
+from huey.utils import FileLock
+
+from .huey_locks import NoFollowFileLock
 
 logger = logging.getLogger("coati_queue")
 
@@ -66,16 +69,19 @@ def _listdir(path: str) -> list[str]:
 
 def _read(path: str) -> bytes | None:
     try:
-        with open(path, "rb") as handle:
-            return handle.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read()
 
 
 class QueueFileStorage(FileStorage):
     def __init__(self, name: str, path: str, **kwargs: Any):
         kwargs.setdefault("levels", 2)
         super().__init__(name, path, **kwargs)
+        if isinstance(self.lock, FileLock):
+            self.lock = NoFollowFileLock(self.lock_file)
         self.reserved_path = os.path.join(self.path, "reserved")
         for directory in (self.queue_path, self.schedule_path, self.reserved_path):
             os.makedirs(directory, mode=0o700, exist_ok=True)

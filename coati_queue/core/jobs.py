@@ -156,15 +156,16 @@ class Job:
         return self.delivery > 1
 
     def backoff_ms(self, rng: random.Random | None = None) -> int:
-        """Exponential backoff with jitter, within [min_backoff, max_backoff].
+        """Exponential backoff with "equal jitter", at most ``max_backoff``.
 
-        The n-th retry waits between half and all of ``min_backoff * 2**(n-1)``
-        ("equal jitter"), so retries of many failed jobs spread out instead of
-        arriving together.
+        The n-th retry waits between half and all of
+        ``min(min_backoff * 2**(n-1), max_backoff)``, uniformly: the first one
+        between ``min_backoff / 2`` and ``min_backoff``. Every retry is jittered,
+        the first included, so the retries of many jobs that failed together
+        (a database restart) spread out instead of arriving together.
         """
-        ceiling = min(self.min_backoff * (2 ** (self.attempt - 1)), self.max_backoff)
-        jittered = ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
-        return int(min(max(jittered, self.min_backoff), self.max_backoff))
+        ceiling = min(self.min_backoff * (2 ** max(self.attempt - 1, 0)), self.max_backoff)
+        return int(ceiling / 2 + (rng or random).uniform(0, ceiling / 2))
 
 
 def _is_int(value: Any, low: int, high: int) -> bool:

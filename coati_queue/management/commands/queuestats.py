@@ -8,6 +8,7 @@ from time import sleep
 
 from django.core.management.base import BaseCommand, CommandError
 
+from coati_queue.checks import health_findings
 from coati_queue.stats import QUEUE_COLUMNS
 
 CLEAR_SCREEN = "\033[2J\033[H"
@@ -55,6 +56,7 @@ class Command(BaseCommand):
             while True:
                 try:
                     stats = collect_stats(driver)
+                    stats["findings"] = health_findings()
                 except Exception as exc:
                     from coati_queue.redis_url import scrub
 
@@ -96,6 +98,8 @@ class Command(BaseCommand):
     def render_table(self, stats: dict) -> str:
         lines = [f"Backend: {stats['backend']} ({stats['reason']}) - {stats['location']}"]
         lines += [f"DEGRADED: {finding}" for finding in stats.get("degraded", [])]
+        lines += [f"{f['level'].upper()} {f['id']}: {f['message']} Fix: {f['hint']}"
+                  for f in stats.get("findings", [])]
         lines.append("")
         headers = ("queue",) + QUEUE_COLUMNS
         rows = [(name,) + tuple(str(counts[c]) for c in QUEUE_COLUMNS)
