@@ -27,7 +27,7 @@ def reconcile_delivery(driver: Any) -> None:
 
 
 def reconcile_batches(driver: Any) -> None:
-    from .payroll import reconcile_batches as reconcile_payroll
+    from .payroll_recovery import reconcile_batches as reconcile_payroll
 
     reconcile_payroll()
 

@@ -300,7 +300,7 @@ class PayrollBatch(models.Model):
 
     def retry_failed(self) -> int:
         """Re-enqueue only the failed items (their attempt history is kept)."""
-        from .payroll import retry_failed_items
+        from .payroll_recovery import retry_failed_items
 
         return retry_failed_items(self)
 

@@ -21,15 +21,16 @@ import pytest
 from django.db import connections
 from django.utils import timezone
 
-from coati_queue import payroll
+from coati_queue import payroll, payroll_recovery
 from coati_queue.core.jobs import Job
 from coati_queue.core.middleware import current_job
 from coati_queue.models import (BatchStatus, ItemStatus, PayrollBatch, PayrollItem, TaskResult,
                                 TaskStatus)
 from coati_queue.payroll import (PayrollError, calculate_payroll_chunk, claim_items, compute,
                                  create_batch, fire_callbacks, process_payroll_parallel,
-                                 process_payroll_parallel_task, reconcile_batches,
+                                 process_payroll_parallel_task,
                                  record_item_outcomes, start_payroll_batch)
+from coati_queue.payroll_recovery import reconcile_batches
 from example_project.payroll import services
 from example_project.payroll.models import PayrollLine
 
@@ -324,7 +325,7 @@ def test_a_reconciler_that_read_stale_rows_enqueues_nothing(huey, settings, monk
     configure(settings, chunk_size=10)
     batch = fanned_out("pl_stale", 30)
     stranded = lose_chunks(huey, batch, keep_first=False)
-    original = payroll._items_of_live_chunks
+    original = payroll_recovery._items_of_live_chunks
     other: dict[str, Any] = {}
 
     def read_then_let_b_run(batch_: PayrollBatch) -> set[int]:
@@ -333,7 +334,7 @@ def test_a_reconciler_that_read_stale_rows_enqueues_nothing(huey, settings, monk
             other["report"] = run_in_threads(reconcile_batches)[0]  # B, unpatched view
         return live
 
-    monkeypatch.setattr(payroll, "_items_of_live_chunks", read_then_let_b_run)
+    monkeypatch.setattr(payroll_recovery, "_items_of_live_chunks", read_then_let_b_run)
     report_a = reconcile_batches()
 
     assert other["report"]["chunks"] == 3 and other["report"]["orphaned"] == 30

@@ -24,7 +24,7 @@ from django.utils.translation import gettext, gettext_lazy as _, ngettext
 from ..conf import get_settings
 from ..models import DeadLetter, TaskResult
 from . import display
-from .readonly import ReadOnlyPostMixin
+from .readonly import QueueRecordAdminMixin
 
 #: Dead letters listed by id in one "not requeued" message before "and N more".
 IDS_LISTED = 10
@@ -64,7 +64,7 @@ class QueueFilter(admin.SimpleListFilter):
         return queryset
 
 
-class DeadLetterAdmin(ReadOnlyPostMixin, admin.ModelAdmin):
+class DeadLetterAdmin(QueueRecordAdminMixin, admin.ModelAdmin):
     list_display = ["seen_at_display", "source", "queue", "task_display", "reason_display",
                     "size_display", "requeued_display"]
     list_display_links = ["seen_at_display"]
@@ -79,17 +79,6 @@ class DeadLetterAdmin(ReadOnlyPostMixin, admin.ModelAdmin):
         (_("Payload"), {"fields": ["payload_size", "truncated", "payload_block"]}),
         (_("Requeued"), {"fields": ["requeued_at", "requeued_as_display"]}),
     ]
-
-    class Media:
-        css = {"all": ["coati_queue/admin.css"]}
-
-    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
-        """All of them: a dead letter is what a worker saw, never edited."""
-        shown = [name for _, options in self.fieldsets for name in options["fields"]]
-        return list(dict.fromkeys(shown + [f.name for f in self.model._meta.fields]))
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
 
     # -- columns and detail ----------------------------------------------
     @admin.display(description=_("seen at"), ordering="seen_at")

@@ -42,3 +42,19 @@ class ReadOnlyPostMixin:
                    **(extra_context or {})}
         return super().change_view(request, object_id, form_url,  # type: ignore[misc]
                                    extra_context=context)
+
+
+class QueueRecordAdminMixin(ReadOnlyPostMixin):
+    """A record the queue writes, shown by fieldsets: every field read-only, no "add"."""
+
+    class Media:
+        css = {"all": ["coati_queue/admin.css"]}
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        shown = [name for _, options in self.fieldsets  # type: ignore[attr-defined]
+                 for name in options["fields"]]
+        fields = [f.name for f in self.model._meta.fields]  # type: ignore[attr-defined]
+        return list(dict.fromkeys(shown + fields))
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False

@@ -32,7 +32,7 @@ from ..models import (FINISHED_TASK_STATES, PayrollBatch, TaskResult, TaskStatus
                       WorkerHeartbeat)
 from ..tallies import delete_task_records
 from . import display
-from .readonly import ReadOnlyPostMixin
+from .readonly import QueueRecordAdminMixin
 
 #: The bulk "retry all failed" action re-enqueues at most this many records per click.
 RETRY_ALL_LIMIT = 5000
@@ -106,7 +106,7 @@ def retry_records(records: Iterable[TaskResult]) -> RetryOutcome:
     return outcome
 
 
-class TaskResultAdmin(ReadOnlyPostMixin, admin.ModelAdmin):
+class TaskResultAdmin(QueueRecordAdminMixin, admin.ModelAdmin):
     list_display = ["id", "task_name", "queue", "backend", "status_display", "attempts",
                     "enqueued_at", "started_at", "finished_at", "duration_display"]
     list_filter = ["status", "task_name", "queue", "backend", "enqueued_at"]
@@ -123,17 +123,6 @@ class TaskResultAdmin(ReadOnlyPostMixin, admin.ModelAdmin):
         (_("Data"), {"fields": ["args_display", "kwargs_display", "result_display"]}),
         (_("Failure"), {"fields": ["error_display", "traceback_display"]}),
     ]
-
-    class Media:
-        css = {"all": ["coati_queue/admin.css"]}
-
-    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
-        """All of them: the record is the queue's, never the admin's."""
-        shown = [name for _, options in self.fieldsets for name in options["fields"]]
-        return list(dict.fromkeys(shown + [f.name for f in self.model._meta.fields]))
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
 
     # -- columns and detail ----------------------------------------------
     @admin.display(description=_("status"), ordering="status")
