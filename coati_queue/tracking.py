@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
+import time
 import uuid
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -63,6 +64,8 @@ def record_from_job(job: Job, backend: str, **state: Any) -> dict[str, Any]:
     return row
 
 
+#: How long buffered states wait for company before they are written.
+COALESCE_STATES = 0.01
 #: States kept in memory per process while the database refuses writes.
 MAX_BUFFERED = 100_000
 
@@ -115,6 +118,12 @@ class StateBuffer:
     def _loop(self) -> None:
         while True:
             self._wake.wait(self.interval)
+            with self._lock:
+                waiting = bool(self._claims)
+            if not waiting:
+                # States only: let a few milliseconds of them share one statement (a
+                # write per task would make worker processes queue for SQLite's lock).
+                time.sleep(COALESCE_STATES)
             self._wake.clear()
             with self._lock:
                 claims, self._claims = self._claims, []

@@ -176,35 +176,37 @@ def _is_time(value: Any) -> bool:
     return type(value) in (int, float) and 0 <= value < 2 ** 34  # until the year 2514
 
 
+#: Each envelope field's test and what it expects, built once (checked per message).
+FIELD_CHECKS: dict[str, tuple[Any, str]] = {
+    "task": (lambda v: isinstance(v, str) and 0 < len(v) <= 200, "a name of 1-200 chars"),
+    "id": (lambda v: isinstance(v, str) and bool(ID_PATTERN.match(v)), "a lowercase UUID"),
+    "args": (lambda v: isinstance(v, list), "a list"),
+    "kwargs": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+               "an object"),
+    "queue": (lambda v: isinstance(v, str) and 0 < len(v) <= 64, "a queue name"),
+    "attempt": (lambda v: _is_int(v, 1, MAX_ATTEMPTS), f"1..{MAX_ATTEMPTS}"),
+    "max_retries": (lambda v: _is_int(v, 0, MAX_ATTEMPTS), f"0..{MAX_ATTEMPTS}"),
+    "min_backoff": (lambda v: _is_int(v, 0, MAX_BACKOFF_MS), f"0..{MAX_BACKOFF_MS} ms"),
+    "max_backoff": (lambda v: _is_int(v, 0, MAX_BACKOFF_MS), f"0..{MAX_BACKOFF_MS} ms"),
+    "time_limit": (lambda v: v is None or _is_int(v, 1, MAX_BACKOFF_MS),
+                   f"null or 1..{MAX_BACKOFF_MS} ms"),
+    "enqueued_at": (lambda v: _is_time(v), "a Unix time"),
+    "eta": (lambda v: v is None or _is_time(v), "null or a Unix time"),
+    "batch_id": (lambda v: v is None or _is_int(v, 1, 2 ** 63 - 1), "null or a positive id"),
+    "delivery": (lambda v: _is_int(v, 1, 2 ** 31 - 1), "a positive whole number"),
+    "v": (lambda v: v == ENVELOPE_VERSION, f"{ENVELOPE_VERSION}"),
+}
+
+
 def _field_problems(data: dict[str, Any]) -> list[str]:
     """What is wrong with a decoded envelope's fields; empty when it is valid.
 
     Every field is checked for type and range, so a forged message cannot reach
     the tracking writer with a value the database refuses (poisoning its buffer).
     """
-    problems = []
-    checks: dict[str, tuple[Any, str]] = {
-        "task": (lambda v: isinstance(v, str) and 0 < len(v) <= 200, "a name of 1-200 chars"),
-        "id": (lambda v: isinstance(v, str) and bool(ID_PATTERN.match(v)), "a lowercase UUID"),
-        "args": (lambda v: isinstance(v, list), "a list"),
-        "kwargs": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
-                   "an object"),
-        "queue": (lambda v: isinstance(v, str) and 0 < len(v) <= 64, "a queue name"),
-        "attempt": (lambda v: _is_int(v, 1, MAX_ATTEMPTS), f"1..{MAX_ATTEMPTS}"),
-        "max_retries": (lambda v: _is_int(v, 0, MAX_ATTEMPTS), f"0..{MAX_ATTEMPTS}"),
-        "min_backoff": (lambda v: _is_int(v, 0, MAX_BACKOFF_MS), f"0..{MAX_BACKOFF_MS} ms"),
-        "max_backoff": (lambda v: _is_int(v, 0, MAX_BACKOFF_MS), f"0..{MAX_BACKOFF_MS} ms"),
-        "time_limit": (lambda v: v is None or _is_int(v, 1, MAX_BACKOFF_MS),
-                       f"null or 1..{MAX_BACKOFF_MS} ms"),
-        "enqueued_at": (_is_time, "a Unix time"),
-        "eta": (lambda v: v is None or _is_time(v), "null or a Unix time"),
-        "batch_id": (lambda v: v is None or _is_int(v, 1, 2 ** 63 - 1), "null or a positive id"),
-        "delivery": (lambda v: _is_int(v, 1, 2 ** 31 - 1), "a positive whole number"),
-        "v": (lambda v: v == ENVELOPE_VERSION, f"{ENVELOPE_VERSION}"),
-    }
-    for name, (valid, expected) in checks.items():
-        if name in data and not valid(data[name]):
-            problems.append(f"{name} must be {expected}, got {_short(data[name])}")
+    problems = [f"{name} must be {expected}, got {_short(data[name])}"
+                for name, (valid, expected) in FIELD_CHECKS.items()
+                if name in data and not valid(data[name])]
     if not problems and json_depth([data.get("args", []), data.get("kwargs", {})]) \
             > MAX_JSON_DEPTH + 1:
         problems.append(f"arguments nest deeper than {MAX_JSON_DEPTH} levels")
