@@ -64,7 +64,7 @@ def record_from_job(job: Job, backend: str, **state: Any) -> dict[str, Any]:
     return row
 
 
-#: How long buffered states wait for company before they are written.
+#: Shortest time between two writes of buffered states by the writer thread.
 COALESCE_STATES = 0.01
 #: States kept in memory per process while the database refuses writes.
 MAX_BUFFERED = 100_000
@@ -90,6 +90,7 @@ class StateBuffer:
         self._flush_lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_write = 0.0
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -120,10 +121,12 @@ class StateBuffer:
             self._wake.wait(self.interval)
             with self._lock:
                 waiting = bool(self._claims)
-            if not waiting:
-                # States only: let a few milliseconds of them share one statement (a
-                # write per task would make worker processes queue for SQLite's lock).
-                time.sleep(COALESCE_STATES)
+            gap = COALESCE_STATES - (time.monotonic() - self._last_write)
+            if gap > 0 and not waiting:
+                # At most one states write per COALESCE_STATES: under load, states share
+                # statements (a write per task would make worker processes queue for
+                # SQLite's lock); when idle, a state is written at once.
+                time.sleep(gap)
             self._wake.clear()
             with self._lock:
                 claims, self._claims = self._claims, []
@@ -131,6 +134,7 @@ class StateBuffer:
                 if claims:
                     write_claim_group(claims)
                 self.flush()
+                self._last_write = time.monotonic()
             except DatabaseError:
                 logger.exception("Writing task states failed; will retry")
                 connections.close_all()  # a fresh connection next time

@@ -119,9 +119,15 @@ def send_normal(prefix: str, count: int = 20) -> dict[str, str]:
     return {f"{prefix}-{i}": mark.send(f"{prefix}-{i}", "normal") for i in range(count)}
 
 
-def assert_normal_ran_once(stack: FaultStack, sent: dict[str, str]) -> None:
+def assert_normal_ran_once(stack: FaultStack, sent: dict[str, str], *,
+                           sigkilled: bool = False) -> None:
+    """Each ordinary task ran once. ``sigkilled``: its worker was SIGKILLed meanwhile,
+    and a plain task that finished in the last few milliseconds before that (its
+    outcome still buffered) may run once more: at-least-once, as documented (README,
+    "What is still not guaranteed"); lost or run three times is still a failure."""
     counts = mark_counts(list(sent))
-    twice = {label: n for label, n in counts.items() if n != 1}
+    allowed = (1, 2) if sigkilled else (1,)
+    twice = {label: n for label, n in counts.items() if n not in allowed}
     if twice:
         details = list(TaskResult.objects.filter(pk__in=[sent[label] for label in twice]).values(
             "task_name", "status", "attempts", "lost_count", "resends", "worker_id"))
@@ -312,11 +318,14 @@ def test_task_that_kills_its_worker_ends_failed_as_worker_lost(make_stack, backe
                f"runs={runs} worker restarts={restarts}\n{stack.state(batch)}")
     assert record.status == "failed", context
     assert "worker lost" in record.error.lower(), context
-    assert runs == LOST_LIMIT, f"the killer ran {runs} times, WORKER_LOST_LIMIT is " \
-        f"{LOST_LIMIT}\n{context}"
+    # Losses are counted from the recorded start: a worker killed before its first
+    # delivery's start reached the database (the writer's few milliseconds) is one
+    # uncounted loss, so the limit allows one run more (README, Delivery guarantees).
+    assert runs in (LOST_LIMIT, LOST_LIMIT + 1), f"the killer ran {runs} times, " \
+        f"WORKER_LOST_LIMIT is {LOST_LIMIT}\n{context}"
     assert record.lost_count == LOST_LIMIT, context
-    assert restarts == LOST_LIMIT, context
-    assert_normal_ran_once(stack, {**before, **after})
+    assert restarts == runs, context
+    assert_normal_ran_once(stack, {**before, **after}, sigkilled=True)
     stack.assert_invariant(batch)
     report(f"worker-killing-task[{backend}]", seconds, batch)
 
