@@ -6,14 +6,15 @@ Public API (nothing is built on import)::
 """
 
 from .core.exceptions import (BackendUnavailable, CoatiQueueError, InvalidJob, Retry,
-                              StorageUnavailable, TaskNotRegistered)
+                              SoftTimeLimitExceeded, StorageUnavailable, TaskNotRegistered,
+                              TimeLimitExceeded)
 from .core.middleware import Middleware, get_current_job
 from .core.tasks import Task, task
 
 __all__ = [
     "BackendUnavailable", "CoatiQueueError", "InvalidJob", "Middleware", "Retry",
-    "StorageUnavailable", "Task", "TaskNotRegistered", "get_current_job", "get_queue_driver",
-    "task",
+    "SoftTimeLimitExceeded", "StorageUnavailable", "Task", "TaskNotRegistered",
+    "TimeLimitExceeded", "get_current_job", "get_queue_driver", "task",
 ]
 __version__ = "0.1.0"
 

@@ -34,6 +34,15 @@ def _to_list(value: Any) -> list[str]:
     return [str(part) for part in value]
 
 
+def _optional_ms(value: Any) -> int | None:
+    """Milliseconds, or None (also for 0 or an empty string): off."""
+    return None if value in (None, "") else (int(value) or None)
+
+
+def _optional_seconds(value: Any) -> float | None:
+    return None if value in (None, "") else float(value)
+
+
 def _optional_str(value: Any) -> str | None:
     return None if value in (None, "") else str(value)
 
@@ -75,14 +84,27 @@ class QueueSettings:
     MIN_BACKOFF: int = _setting(15_000, int, None, "first retry delay, at most (jittered "
                                 "between half and all of it), milliseconds")
     MAX_BACKOFF: int = _setting(3_600_000, int, None, "largest retry delay, milliseconds")
-    TIME_LIMIT: int | None = _setting(None, lambda v: None if v is None else int(v), None,
-                                      "default task time limit, milliseconds (Dramatiq only)")
+    TIME_LIMIT: int | None = _setting(
+        300_000, _optional_ms, None, "default hard time limit, milliseconds: the supervisor "
+        "kills the worker process running the task (None: off)")
+    SOFT_TIME_LIMIT: int | None = _setting(
+        240_000, _optional_ms, None, "default soft time limit, milliseconds: "
+        "SoftTimeLimitExceeded is raised inside the task (None: off)")
     RESULT_TTL: int = _setting(7 * 86_400, int, None, "seconds to keep completed task records")
     FAILURE_TTL: int = _setting(30 * 86_400, int, None, "seconds to keep failed task records")
     TRACKING_FLUSH_INTERVAL: float = _setting(0.05, float, None,
                                               "seconds between bulk writes of task states")
     WORKER_PROCESSES: int = _setting(0, int, None, "runworkers --processes default (0: CPUs)")
     WORKER_THREADS: int = _setting(8, int, None, "runworkers --threads default")
+    WORKER_MAX_TASKS_PER_CHILD: int = _setting(
+        0, int, None, "runworkers --max-tasks-per-child default (0: never recycle)")
+    WORKER_MAX_MEMORY_PER_CHILD: int = _setting(
+        0, int, None, "runworkers --max-memory-per-child default, MiB of resident memory "
+        "(0: never recycle)")
+    WORKER_SHUTDOWN_TIMEOUT: float | None = _setting(
+        None, _optional_seconds, None, "runworkers --shutdown-timeout default, seconds a "
+        "graceful stop waits for in-flight tasks (None: until they end or hit their hard "
+        "time limit)")
     HEARTBEAT_INTERVAL: float = _setting(5.0, float, None, "seconds between worker heartbeats")
     WORKER_LOST_AFTER: float = _setting(30.0, float, None,
                                         "seconds without a heartbeat before a worker is lost")
@@ -167,6 +189,17 @@ class QueueSettings:
             raise ImproperlyConfigured("COATI_QUEUE['MAX_RETRIES'] cannot be negative.")
         if self.WORKER_LOST_LIMIT < 1:
             raise ImproperlyConfigured("COATI_QUEUE['WORKER_LOST_LIMIT'] must be at least 1.")
+        for key in ("TIME_LIMIT", "SOFT_TIME_LIMIT"):
+            value = getattr(self, key)
+            if value is not None and not 0 < value <= 7 * 86_400_000:
+                raise ImproperlyConfigured(f"COATI_QUEUE['{key}'] must be None (off) or "
+                                           "1..604800000 milliseconds (a week).")
+        for key in ("WORKER_MAX_TASKS_PER_CHILD", "WORKER_MAX_MEMORY_PER_CHILD"):
+            if getattr(self, key) < 0:
+                raise ImproperlyConfigured(f"COATI_QUEUE['{key}'] cannot be negative (0: off).")
+        if self.WORKER_SHUTDOWN_TIMEOUT is not None and self.WORKER_SHUTDOWN_TIMEOUT < 0:
+            raise ImproperlyConfigured("COATI_QUEUE['WORKER_SHUTDOWN_TIMEOUT'] cannot be "
+                                       "negative (None: wait for in-flight tasks).")
         if self.MAX_MESSAGE_SIZE < 1024:
             raise ImproperlyConfigured("COATI_QUEUE['MAX_MESSAGE_SIZE'] must be at least 1024 "
                                        "bytes.")

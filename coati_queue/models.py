@@ -402,6 +402,14 @@ class WorkerHeartbeat(models.Model):
     processed = models.PositiveIntegerField(_("processed"), default=0)
     failed = models.PositiveIntegerField(_("failed"), default=0)
     stopped_at = models.DateTimeField(_("stopped at"), null=True, blank=True)
+    # What it runs now, as of its last heartbeat: the longest-running task (so a stuck
+    # one shows before its time limit hits) and how many tasks run in all.
+    current_task_id = models.UUIDField(_("current task id"), null=True, blank=True)
+    current_task_name = models.CharField(_("current task"), max_length=200, blank=True,
+                                         default="")
+    current_task_started_at = models.DateTimeField(_("current task started at"), null=True,
+                                                   blank=True)
+    running_tasks = models.PositiveIntegerField(_("tasks running"), default=0)
 
     class Meta:
         verbose_name = _("worker")
@@ -414,3 +422,9 @@ class WorkerHeartbeat(models.Model):
     def is_alive(self, lost_after: float, now=None) -> bool:
         now = now or timezone.now()
         return self.stopped_at is None and (now - self.last_seen).total_seconds() <= lost_after
+
+    def current_task_seconds(self, now=None) -> float | None:
+        """How long the current task has been running, or None when idle."""
+        if self.current_task_started_at is None:
+            return None
+        return max(((now or timezone.now()) - self.current_task_started_at).total_seconds(), 0.0)

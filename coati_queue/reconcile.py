@@ -59,14 +59,16 @@ def job_from_record(record: TaskResult, attempt: int) -> Job:
         options = registry.get(record.task_name).options
         min_backoff = options.min_backoff or settings_default.MIN_BACKOFF
         max_backoff = options.max_backoff or settings_default.MAX_BACKOFF
-        time_limit = options.time_limit or settings_default.TIME_LIMIT
+        time_limit, soft_time_limit = options.time_limits(settings_default)
     except TaskNotRegistered:  # the worker dead-letters it: still nothing lost
         min_backoff, max_backoff = settings_default.MIN_BACKOFF, settings_default.MAX_BACKOFF
         time_limit = settings_default.TIME_LIMIT
+        soft_time_limit = settings_default.SOFT_TIME_LIMIT
     return Job(task=record.task_name, args=list(record.args or []),
                kwargs=dict(record.kwargs or {}), queue=record.queue, id=str(record.id),
                attempt=attempt, max_retries=record.max_retries, min_backoff=min_backoff,
                max_backoff=max_backoff, time_limit=time_limit,
+               soft_time_limit=soft_time_limit,
                enqueued_at=record.enqueued_at.timestamp(),
                eta=record.eta.timestamp() if record.eta else None, batch_id=record.batch_id,
                delivery=record.resends + 2)

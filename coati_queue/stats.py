@@ -59,7 +59,8 @@ def degraded_state(driver: Any, counts: dict[str, dict[str, int]]) -> list[str]:
 
 
 def worker_rows(lost_after: float, now=None) -> list[dict[str, Any]]:
-    """Workers that have not stopped cleanly (alive, or lost: no heartbeat lately)."""
+    """Workers that have not stopped cleanly (alive, or lost: no heartbeat lately), each
+    with the task it runs now (the longest-running one) as of its last heartbeat."""
     now = now or timezone.now()
     heartbeats = (WorkerHeartbeat.objects.filter(stopped_at__isnull=True)
                   .order_by("-last_seen")[:MAX_WORKERS_LISTED])
@@ -70,7 +71,22 @@ def worker_rows(lost_after: float, now=None) -> list[dict[str, Any]]:
         "queues": list(beat.queues or []),
         "last_seen": beat.last_seen.isoformat(),
         "alive": beat.is_alive(lost_after, now),
+        "running_tasks": beat.running_tasks,
+        "current_task": current_task(beat, now),
     } for beat in heartbeats]
+
+
+def current_task(beat: WorkerHeartbeat, now=None) -> dict[str, Any] | None:
+    """``{"id", "name", "started_at", "running_seconds"}`` of the worker's longest-running
+    task, or None when it runs none."""
+    if beat.current_task_id is None or beat.current_task_started_at is None:
+        return None
+    return {
+        "id": str(beat.current_task_id),
+        "name": beat.current_task_name,
+        "started_at": beat.current_task_started_at.isoformat(),
+        "running_seconds": round(beat.current_task_seconds(now) or 0.0, 1),
+    }
 
 
 def dead_letter_counts() -> dict[str, Any]:

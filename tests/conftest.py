@@ -222,7 +222,8 @@ def run_workers() -> Callable[..., subprocess.CompletedProcess]:
 
 @pytest.fixture
 def start_worker() -> Callable[..., subprocess.Popen]:
-    """A long-running (non-burst) worker; stopped (SIGKILL) at teardown if still running."""
+    """A long-running (non-burst) ``runworkers``; SIGKILLed with its worker processes at
+    teardown if still running."""
     started: list[subprocess.Popen] = []
 
     def start(backend: str, *extra_args: str, env: dict[str, str] | None = None,
@@ -237,8 +238,49 @@ def start_worker() -> Callable[..., subprocess.Popen]:
     yield start
     for process in started:
         if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
+            sigkill_runworkers(process)  # its workers too: alone they would stop gracefully
         process.communicate(timeout=30)
+
+
+def worker_pids(supervisor_pid: int) -> list[int]:
+    """The worker processes (children) of a ``runworkers`` supervisor: their pids are the
+    ones in ``WorkerHeartbeat.pid``."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{supervisor_pid}/task").glob("*"):
+        try:
+            found.update(int(pid) for pid in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return sorted(found)
+
+
+def process_gone(pid: int) -> bool:
+    """No such process, or a zombie whose threads have all exited (so its files and
+    locks are released, as ``waitpid`` would guarantee to its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            dead = handle.read().rsplit(") ", 1)[1].startswith(("Z", "X"))
+        return dead and len(os.listdir(f"/proc/{pid}/task")) <= 1
+    except (OSError, IndexError):
+        return True
+
+
+def sigkill_runworkers(process: subprocess.Popen) -> None:
+    """SIGKILL a ``runworkers`` supervisor and its worker processes, as a power cut or
+    the OOM killer would, and wait until they are all gone. (Killing only the
+    supervisor makes its workers stop gracefully.)"""
+    workers = worker_pids(process.pid)
+    process.send_signal(signal.SIGKILL)
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while not all(process_gone(pid) for pid in workers):
+        assert time.monotonic() < deadline, f"worker processes {workers} outlived SIGKILL"
+        time.sleep(0.01)
 
 
 def describe_failure(completed: subprocess.CompletedProcess) -> str:

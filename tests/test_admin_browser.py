@@ -21,7 +21,7 @@ import pytest
 from django.core.management import call_command
 
 from coati_queue.models import BatchStatus, ItemStatus, PayrollBatch, WorkerHeartbeat
-from tests.conftest import REPO_ROOT, worker_command, worker_env
+from tests.conftest import REPO_ROOT, worker_command, worker_env, worker_pids
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -245,7 +245,8 @@ def test_live_batch_page_retry_and_overview(browser: Any, live_server: Any, queu
                               stderr=subprocess.STDOUT, text=True)
     try:
         beat = wait_until(lambda: WorkerHeartbeat.objects.filter(
-            pid=worker.pid, stopped_at__isnull=True).first(), 60, "the worker's heartbeat")
+            pid__in=worker_pids(worker.pid), stopped_at__isnull=True).first(), 60,
+            "the worker's heartbeat")
         browser.get(base + "/admin/coati_queue/taskresult/overview/")
         workers = browser.find_element(By.ID, "coati-workers").text
         assert beat.worker_id in workers and "alive" in workers

@@ -23,7 +23,7 @@ from coati_queue.models import TaskResult, TaskStatus, WorkerHeartbeat
 from coati_queue.reconcile import reconcile
 from coati_queue.selection import get_queue_driver
 from coati_queue.tracking import StateBuffer, record_from_job
-from tests.conftest import free_port, redis_password
+from tests.conftest import free_port, redis_password, sigkill_runworkers
 from tests.testapp.models import Mark
 
 WORKER_BACKENDS = ("huey", "dramatiq")
@@ -247,7 +247,6 @@ def test_a_task_of_a_lost_worker_is_sent_again_then_failed_at_the_limit(worker_b
 @pytest.mark.redis
 def test_a_killed_dramatiq_workers_message_comes_back_marked_and_counts_the_loss(
         queue_env, redis_url, start_worker, run_workers):
-    import signal
     import time as clock
 
     from django.test import override_settings
@@ -261,10 +260,13 @@ def test_a_killed_dramatiq_workers_message_comes_back_marked_and_counts_the_loss
         driver = get_queue_driver("dramatiq")
         process = start_worker("dramatiq", env={"COATI_TEST_QUEUE_OVERRIDES": short})
         job_id = driver.enqueue("tests.lease_slow", "redis-lease", 120)
-        wait_for(lambda: TaskResult.objects.filter(pk=job_id, status="processing").exists(),
+        # Its first run has begun (the Mark: "processing" is written on its own, and
+        # may be visible before the task's first line ran).
+        wait_for(lambda: Mark.objects.filter(label="redis-lease").exists(),
                  what="the task to start", process=process)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
+        wait_for(lambda: TaskResult.objects.filter(pk=job_id, status="processing").exists(),
+                 what="its record to say processing", process=process)
+        sigkill_runworkers(process)
         assert driver.missing_jobs([(job_id, 1, "default")]) == set()  # unacked, still there
 
         deadline = clock.monotonic() + 30

@@ -18,7 +18,7 @@ import pytest
 from coati_queue.backends.huey_storage import QueueFileStorage
 from coati_queue.models import DeadLetter, TaskResult
 from coati_queue.selection import get_queue_driver
-from tests.conftest import REPO_ROOT, describe_failure, worker_env
+from tests.conftest import REPO_ROOT, describe_failure, sigkill_runworkers, worker_env
 from tests.test_workers import wait_for
 from tests.testapp.models import Mark
 
@@ -80,8 +80,7 @@ def test_a_killed_workers_job_stays_reserved_and_runs_again(stop, reclaim_by, dr
     assert driver.maintain() == 0  # its worker is alive
 
     if stop == "sigkill":
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
+        sigkill_runworkers(process)
     else:
         stop_hard(process)
         assert process.returncode == 1

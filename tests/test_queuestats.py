@@ -20,7 +20,8 @@ from tests.conftest import redis_password
 pytestmark = pytest.mark.django_db(transaction=True)
 
 QUEUE_KEYS = {"queued", "delayed", "processing", "finished", "failed", "workers"}
-WORKER_KEYS = {"worker_id", "hostname", "pid", "queues", "last_seen", "alive"}
+WORKER_KEYS = {"worker_id", "hostname", "pid", "queues", "last_seen", "alive", "running_tasks",
+               "current_task"}
 
 
 @pytest.fixture(params=["huey", "dramatiq"])

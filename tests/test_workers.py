@@ -14,7 +14,7 @@ import pytest
 from coati_queue.core.jobs import Job
 from coati_queue.models import DeadLetter, TaskResult, WorkerHeartbeat
 from coati_queue.selection import get_queue_driver
-from tests.conftest import describe_failure
+from tests.conftest import describe_failure, worker_pids
 from tests.testapp.models import Mark
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -152,8 +152,8 @@ def test_sigterm_lets_the_in_flight_task_finish(worker_backend, start_worker):
 def test_running_worker_publishes_a_heartbeat(worker_backend, start_worker):
     name, driver = worker_backend
     process = start_worker(name, "--queues", "high,default", threads=2)
-    beat = wait_for(lambda: WorkerHeartbeat.objects.filter(pid=process.pid).first(),
-                    what="a heartbeat", process=process)
+    beat = wait_for(lambda: WorkerHeartbeat.objects.filter(
+        pid__in=worker_pids(process.pid)).first(), what="a heartbeat", process=process)
     lost_after = driver.settings.WORKER_LOST_AFTER
     assert beat.is_alive(lost_after)
     assert beat.backend == name

@@ -96,13 +96,14 @@ class QueueDriver:
         if delay is not None and delay < 0:
             raise ValueError(f"delay must be >= 0 seconds, got {delay!r}")
         now = time.time()
+        time_limit, soft_time_limit = o.time_limits(s)
         return Job(
             task=task.name, args=list(args), kwargs=kwargs, queue=queue,
             id=task_id or new_job_id(),
             max_retries=s.MAX_RETRIES if o.max_retries is None else o.max_retries,
             min_backoff=o.min_backoff or s.MIN_BACKOFF,
             max_backoff=o.max_backoff or s.MAX_BACKOFF,
-            time_limit=o.time_limit or s.TIME_LIMIT,
+            time_limit=time_limit, soft_time_limit=soft_time_limit,
             enqueued_at=now, eta=now + delay if delay else None, batch_id=batch_id,
         )
 
@@ -223,6 +224,26 @@ class QueueDriver:
         """Periodic broker upkeep in every worker: keep this worker's reservations
         alive and give back those of dead workers. Returns how many were given back."""
         return 0
+
+    def lease_token(self) -> str | None:
+        """What names this worker process's reservations in the broker, for the
+        supervisor to release when the process dies (None: nothing to release)."""
+        return None
+
+    def keep_alive(self, tokens: list[str]) -> None:
+        """The supervisor vouches for its live worker processes' leases: a process frozen
+        by a task that holds the GIL cannot renew its own, and must not lose its work
+        to another worker while it still runs it (its hard time limit ends it)."""
+
+    def release_dead_worker(self, token: str) -> None:
+        """The supervisor saw the process holding ``token`` die: let other workers give
+        its reservations back now rather than after a timeout."""
+
+    def discard_reserved(self, lease: str | None, pid: int, job_id: str, queue: str) -> bool:
+        """Drop the message of ``job_id`` that the live worker process ``pid`` (holding
+        ``lease``) has reserved, just before the supervisor kills that process at the
+        job's hard time limit: the broker never gives it back, so it cannot run again."""
+        return False
 
     def take_dead_letters(self) -> list[dict[str, Any]]:
         """Messages the broker itself refused (e.g. Dramatiq's dead-letter set), removed

@@ -2,13 +2,18 @@
 
 One generic actor per configured queue (``coati.<queue>``), each with the
 queue's priority, so a busy worker takes ``high`` before ``default`` before
-``low``. The actor hands the JSON envelope to the shared executor; Dramatiq's
-own Retries middleware is left out because retries are decided by
-``coati_queue.core.execution``.
+``low`` (a worker given ``--queues`` in another order re-ranks its own actors).
+The actor hands the JSON envelope to the shared executor; Dramatiq's own
+Retries middleware is left out because retries are decided by
+``coati_queue.core.execution``, and its TimeLimit middleware because time
+limits are enforced the same way on every backend (``coati_queue.time_limits``):
+its watchdog only ran under Dramatiq's own CLI, and its 10-minute default
+applied to tasks that asked for no limit.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -18,7 +23,7 @@ import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import dq_name
-from dramatiq.middleware import ShutdownNotifications, TimeLimit
+from dramatiq.middleware import ShutdownNotifications
 
 from ..core.exceptions import BackendUnavailable
 from ..core.jobs import Job
@@ -65,13 +70,11 @@ class DramatiqDriver(QueueDriver):
             url=self.redis_url, namespace=NAMESPACE,
             heartbeat_timeout=int(self.settings.REDIS_HEARTBEAT_TIMEOUT * 1000),
             maintenance_chance=0,  # dead workers' messages: given back by maintain()
-            middleware=[TimeLimit(), ShutdownNotifications()])
-        count = len(self.settings.QUEUES)
-        for index, queue in enumerate(self.settings.QUEUES):
-            # Dramatiq runs lower ``priority`` numbers first.
+            middleware=[ShutdownNotifications()])
+        for queue, priority in _priorities(self.settings.QUEUES).items():
             self._actors[queue] = dramatiq.actor(
                 self._run_envelope, actor_name=f"{ACTOR_PREFIX}{queue}", queue_name=queue,
-                priority=index * 10 - count * 10, broker=broker)
+                priority=priority, broker=broker)
         return broker
 
     def _run_envelope(self, envelope: Any) -> None:
@@ -110,8 +113,6 @@ class DramatiqDriver(QueueDriver):
         broker = self.broker
         message_id = redis_message_id(job.id, job.attempt)
         options: dict[str, Any] = {"redis_message_id": message_id}
-        if job.time_limit:
-            options["time_limit"] = job.time_limit
         delay = int((job.eta - time.time()) * 1000) if job.eta else 0
         queue_name = job.queue
         if delay > 0:
@@ -201,6 +202,10 @@ class DramatiqDriver(QueueDriver):
                 for i, queue in enumerate(self.settings.QUEUES)}
 
     def start_consumer(self, queues: list[str], threads: int, **options: Any) -> "DramatiqConsumer":
+        """Consume ``queues`` in the order given (``runworkers --queues low,high``):
+        this process's actors take priorities from that order; others are untouched."""
+        for queue, priority in _priorities(queues).items():
+            self._actor(queue).priority = priority
         worker = PriorityWorker(self.broker, queues=set(queues), worker_threads=threads,
                                 worker_timeout=options.get("poll_ms", 100))
         worker.start()
@@ -208,6 +213,53 @@ class DramatiqDriver(QueueDriver):
 
     def describe(self) -> str:
         return f"Redis {mask_redis_url(self.redis_url)}"
+
+    # -- supervision ----------------------------------------------------------
+    def lease_token(self) -> str | None:
+        """What names this process's unacked messages in Redis (its broker id)."""
+        return self.broker.broker_id
+
+    def discard_reserved(self, lease: str | None, pid: int, job_id: str, queue: str) -> bool:
+        """Remove the job's unacked message from process ``lease``'s ack set and its body
+        (as an ack would). Looked up by the envelope's id: a delayed message got a new
+        Redis id when it became due."""
+        if not lease:
+            return False
+        acks, bodies = f"{NAMESPACE}:__acks__.{lease}.{queue}", f"{NAMESPACE}:{queue}.msgs"
+        try:
+            message_ids = list(self.client.smembers(acks))
+            for message_id, body in zip(message_ids, self.client.hmget(bodies, message_ids)
+                                        if message_ids else []):
+                if body is not None and _envelope_id(body) == job_id:
+                    pipe = self.client.pipeline(transaction=True)
+                    pipe.srem(acks, message_id)
+                    pipe.hdel(bodies, message_id)
+                    return bool(pipe.execute()[0])
+        except (redis.RedisError, OSError) as exc:
+            raise BackendUnavailable(f"Redis at {mask_redis_url(self.redis_url)}: "
+                                     f"{error_text(exc, self.redis_url)}") from None
+        return False
+
+    def keep_alive(self, tokens: list[str]) -> None:
+        """One ZADD renews the Redis heartbeats of these worker processes."""
+        if not tokens:
+            return
+        try:
+            now = int(time.time() * 1000)
+            self.client.zadd(f"{NAMESPACE}:__heartbeats__", dict.fromkeys(tokens, now))
+        except (redis.RedisError, OSError) as exc:
+            raise BackendUnavailable(f"Redis at {mask_redis_url(self.redis_url)}: "
+                                     f"{error_text(exc, self.redis_url)}") from None
+
+    def release_dead_worker(self, token: str) -> None:
+        """A worker process the supervisor saw die: forget its Redis heartbeat, so the
+        next upkeep of any worker gives its unacked messages back at once instead of
+        after ``REDIS_HEARTBEAT_TIMEOUT``."""
+        try:
+            self.client.zrem(f"{NAMESPACE}:__heartbeats__", token)
+        except (redis.RedisError, OSError) as exc:
+            raise BackendUnavailable(f"Redis at {mask_redis_url(self.redis_url)}: "
+                                     f"{error_text(exc, self.redis_url)}") from None
 
     def purge(self, queues: Iterable[str] | None = None) -> int:
         dropped = 0
@@ -217,6 +269,18 @@ class DramatiqDriver(QueueDriver):
             self.broker.flush(queue)
             self.broker.flush(dq_name(queue))
         return dropped
+
+
+def _envelope_id(body: bytes) -> str | None:
+    try:
+        return json.loads(body)["args"][0]["id"]
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError):
+        return None
+
+
+def _priorities(queues: list[str]) -> dict[str, int]:
+    """Actor priorities, the first queue first (Dramatiq runs lower numbers first)."""
+    return {queue: index * 10 - len(queues) * 10 for index, queue in enumerate(queues)}
 
 
 class PriorityWorker(dramatiq.Worker):

@@ -2,7 +2,8 @@
 
 One Huey instance over one directory; a queue name maps to a Huey priority
 (``QUEUES`` lists the highest first), so Huey's own ordering consumes
-``high`` before ``default`` before ``low``. Messages are JSON, never pickle.
+``high`` before ``default`` before ``low``; a worker given ``--queues`` in
+another order takes its queues in that order. Messages are JSON, never pickle.
 Retries are decided by ``coati_queue.core.execution``, so Huey's are off.
 
 Delivery is at least once: a worker's claim is a reservation on disk, deleted
@@ -13,6 +14,7 @@ by the next ``maintain()`` or worker start (see ``huey_storage``).
 from __future__ import annotations
 
 import datetime
+import glob
 import json
 import logging
 import os
@@ -121,6 +123,20 @@ class CoatiHuey(Huey):
         return True
 
 
+class OrderedQueueFileStorage(QueueFileStorage):
+    """The queue listing sorted by this worker's queue order (``runworkers --queues
+    low,high``) instead of the priorities in the file names (``QUEUES`` order)."""
+
+    rank: dict[str, int] | None = None  # name prefix -> position in this worker's order
+
+    def _ready_names(self) -> list[str]:
+        names = super()._ready_names()
+        rank = self.rank
+        if rank:
+            names.sort(key=lambda name: rank.get(name[:4], len(rank)))  # stable: FIFO kept
+        return names
+
+
 class HueyDriver(QueueDriver):
     name = "huey"
 
@@ -151,7 +167,7 @@ class HueyDriver(QueueDriver):
         if self.verify_path is not None:
             self.verify_path(self.path)
         huey = CoatiHuey("coati", results=False, utc=True, serializer=JSONMessageSerializer(),
-                         storage_class=QueueFileStorage, path=self.path)
+                         storage_class=OrderedQueueFileStorage, path=self.path)
         huey.storage.mark_redelivered = mark_redelivered
         huey.task(name=EXECUTE_TASK, retries=0)(self._run_envelope)
         huey.task(name=DEAD_LETTER_TASK, retries=0)(self._dead_letter)
@@ -224,11 +240,17 @@ class HueyDriver(QueueDriver):
 
     def start_consumer(self, queues: list[str], threads: int, **options: Any) -> "HueyConsumer":
         huey = self.huey
-        huey.storage.only_priorities({self._priority[q] for q in queues})
+        storage = huey.storage
+        storage.only_priorities({self._priority[q] for q in queues})
+        by_priority = sorted(queues, key=self._priority.__getitem__, reverse=True)
+        if list(queues) != by_priority:
+            storage.rank = {storage._prefix(self._priority[q]): i for i, q in enumerate(queues)}
         # Before taking new work: what a killed worker (or a whole killed group) held.
         self.maintain()
+        # Threads only: time limits, leases and tracking are per process and thread
+        # (Huey's "process" and "greenlet" worker types would break all three).
         consumer = huey.create_consumer(
-            workers=threads, worker_type=options.get("worker_type") or "thread", periodic=False,
+            workers=threads, worker_type="thread", periodic=False,
             initial_delay=options.get("poll_ms", 5) / 1000, backoff=1.15,
             max_delay=max(options.get("poll_ms", 5) / 1000, 0.05), scheduler_interval=1,
             check_worker_health=True)
@@ -242,6 +264,21 @@ class HueyDriver(QueueDriver):
         wanted = {self._priority[q] for q in (queues or self.settings.QUEUES)}
         storage = self.huey.storage
         return storage.purge_priorities(wanted) + storage.purge_scheduled(wanted)
+
+    # -- supervision ----------------------------------------------------------
+    def discard_reserved(self, lease: str | None, pid: int, job_id: str, queue: str) -> bool:
+        """Delete the job's file from process ``pid``'s reservation folder (named
+        ``<pid>-<token>``): its reclaim then finds nothing of that job to give back."""
+        pattern = os.path.join(glob.escape(self.huey.storage.reserved_path), f"{pid}-*",
+                               f"*-{job_id}")
+        dropped = False
+        for path in glob.glob(pattern):
+            try:
+                os.unlink(path)
+                dropped = True
+            except FileNotFoundError:
+                continue  # acked a moment ago
+        return dropped
 
     # -- delivery ---------------------------------------------------------
     def missing_jobs(self, jobs: list[tuple[str, int, str]]) -> set[str]:
@@ -271,6 +308,11 @@ class HueyConsumer:
 
     def is_idle(self) -> bool:
         return self.driver.in_flight == 0
+
+    def stop_intake(self) -> None:
+        """Take no new job from now on (safe in a signal handler: sets an Event); the
+        running ones finish. ``stop()`` follows."""
+        self.consumer.stop_flag.set()
 
     def stop(self, graceful: bool = True) -> None:
         self.consumer.stop(graceful=graceful)

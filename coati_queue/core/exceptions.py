@@ -48,6 +48,37 @@ class StorageUnavailable(BackendUnavailable):
     """No candidate directory for Huey's file storage is usable."""
 
 
+class TimeLimitExceeded(CoatiQueueError):
+    """A task ran past a time limit. Final unless the task's ``retry_on`` names this
+    class (or ``SoftTimeLimitExceeded``): a task that overran once will likely overrun
+    again, and ``retry_on=(Exception,)`` must not mean "retry every overrun".
+
+    The hard limit is never raised inside the task: the supervisor kills the worker
+    process, and this is the error its record gets.
+    """
+
+
+class SoftTimeLimitExceeded(TimeLimitExceeded):
+    """Raised inside a task's thread at its soft time limit, so it can clean up.
+
+    Raised asynchronously (between two Python bytecodes of the task), like
+    Dramatiq's and Celery's: a task blocked in a C call sees it when the call
+    returns, or is killed at the hard limit first.
+    """
+
+    #: Messages waiting for the next instance raised in a thread, by thread id: an
+    #: asynchronous exception is raised as a bare class, so its text is passed here.
+    pending_messages: dict[int, str] = {}
+
+    def __init__(self, *args: object):
+        if not args:
+            import threading
+
+            message = self.pending_messages.pop(threading.get_ident(), None)
+            args = (message,) if message else ("Soft time limit exceeded",)
+        super().__init__(*args)
+
+
 class Retry(CoatiQueueError):
     """Raise inside a task to ask for another attempt (counts against max_retries)."""
 

@@ -12,10 +12,10 @@ import logging
 import traceback as traceback_module
 from typing import TYPE_CHECKING, Any
 
-from .exceptions import InvalidJob, Retry, SkipJob, TaskNotRegistered
+from .exceptions import InvalidJob, Retry, SkipJob, TaskNotRegistered, TimeLimitExceeded
 from .jobs import Job, NotJSONSerializable, ensure_json
 from .middleware import current_job
-from .tasks import registry
+from .tasks import Task, registry
 
 if TYPE_CHECKING:
     from coati_queue.backends.base import QueueDriver
@@ -78,13 +78,11 @@ def _run(driver: "QueueDriver", job: Job) -> None:
     except InvalidJob as exc:
         _dead_letter(driver, job.to_dict(), exc)
         return
-    try:
-        result = task.func(*job.args, **job.kwargs)
-        ensure_json(result, f"The result of task {job.task!r}")
-    except BaseException as exc:  # noqa: B036 - SystemExit from a task is its failure too
+    result, exc = _call(driver, task, job)
+    if exc is not None:
         # Only the worker's own signal handlers stop a worker, and they never raise
         # into task threads; whatever a task raises is the task's outcome.
-        retry_in = _retry_delay(task.options.retry_on, job, exc)
+        retry_in = retry_delay(task.options.retry_on, job, exc)
         level = logging.WARNING if retry_in is not None else logging.ERROR
         logger.log(level, "Job %s (%s) attempt %d failed: %s%s", job.id, job.task, job.attempt,
                    _describe(exc), f"; retrying in {retry_in} ms" if retry_in is not None else "")
@@ -96,15 +94,48 @@ def _run(driver: "QueueDriver", job: Job) -> None:
         driver.middleware.after("after_execute", driver, job, result=result)
 
 
+def _call(driver: "QueueDriver", task: Task, job: Job) -> tuple[Any, BaseException | None]:
+    """``(result, None)`` or ``(None, what the task raised)``, within the job's limits.
+
+    In a worker the job is registered as running (the supervisor's hard limit, the
+    soft-limit watchdog, the heartbeat's current task); in the caller (immediate
+    mode, like Celery's eager mode) no limit applies.
+    """
+    if driver.runs_in_caller:
+        return _invoke(task, job)
+    from ..time_limits import running_jobs
+
+    try:
+        return running_jobs().run(job, lambda: _invoke(task, job))
+    except TimeLimitExceeded as exc:
+        # The soft limit fired as the task was returning: it landed after the task's own
+        # code (between two bytecodes of ours), which is still this task's overrun.
+        return None, exc
+
+
+def _invoke(task: Task, job: Job) -> tuple[Any, BaseException | None]:
+    try:
+        result = task.func(*job.args, **job.kwargs)
+        ensure_json(result, f"The result of task {job.task!r}")
+        return result, None
+    except BaseException as exc:  # noqa: B036 - SystemExit from a task is its failure too
+        return None, exc
+
+
 def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _retry_delay(retry_on: tuple[type[BaseException], ...], job: Job,
-                 exc: BaseException) -> int | None:
+def retry_delay(retry_on: tuple[type[BaseException], ...], job: Job,
+                exc: BaseException) -> int | None:
     """Milliseconds until the next attempt, or None when this failure is final."""
     if job.retries_left <= 0:
         return None
+    if isinstance(exc, TimeLimitExceeded):
+        # Final unless retry_on names a time limit itself (not merely Exception).
+        named = tuple(kind for kind in retry_on
+                      if isinstance(kind, type) and issubclass(kind, TimeLimitExceeded))
+        return job.backoff_ms() if named and isinstance(exc, named) else None
     if isinstance(exc, Retry):
         return int(exc.delay * 1000) if exc.delay is not None else job.backoff_ms()
     if isinstance(exc, NotJSONSerializable):

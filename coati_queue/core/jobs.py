@@ -97,6 +97,7 @@ class Job:
     min_backoff: int = 15_000
     max_backoff: int = 3_600_000
     time_limit: int | None = None
+    soft_time_limit: int | None = None
     enqueued_at: float = field(default_factory=time.time)
     eta: float | None = None
     batch_id: int | None = None
@@ -190,6 +191,8 @@ FIELD_CHECKS: dict[str, tuple[Any, str]] = {
     "max_backoff": (lambda v: _is_int(v, 0, MAX_BACKOFF_MS), f"0..{MAX_BACKOFF_MS} ms"),
     "time_limit": (lambda v: v is None or _is_int(v, 1, MAX_BACKOFF_MS),
                    f"null or 1..{MAX_BACKOFF_MS} ms"),
+    "soft_time_limit": (lambda v: v is None or _is_int(v, 1, MAX_BACKOFF_MS),
+                        f"null or 1..{MAX_BACKOFF_MS} ms"),
     "enqueued_at": (lambda v: _is_time(v), "a Unix time"),
     "eta": (lambda v: v is None or _is_time(v), "null or a Unix time"),
     "batch_id": (lambda v: v is None or _is_int(v, 1, 2 ** 63 - 1), "null or a positive id"),

@@ -23,7 +23,22 @@ class TaskOptions:
     min_backoff: int | None = None
     max_backoff: int | None = None
     time_limit: int | None = None
+    soft_time_limit: int | None = None
     retry_on: tuple[type[BaseException], ...] = (Exception,)
+
+    def time_limits(self, settings: Any) -> tuple[int | None, int | None]:
+        """``(hard, soft)`` milliseconds for this task's jobs; ``None`` is no limit.
+
+        A task's own value wins; ``None`` takes ``COATI_QUEUE['TIME_LIMIT']`` /
+        ``['SOFT_TIME_LIMIT']``; ``0`` turns that limit off for this task.
+        """
+        return (_limit(self.time_limit, settings.TIME_LIMIT),
+                _limit(self.soft_time_limit, settings.SOFT_TIME_LIMIT))
+
+
+def _limit(own: int | None, default: int | None) -> int | None:
+    value = default if own is None else own
+    return value or None
 
 
 class Task:
@@ -111,15 +126,19 @@ registry = TaskRegistry()
 def task(func: Callable[..., Any] | None = None, *, name: str | None = None,
          queue: str | None = None, max_retries: int | None = None,
          min_backoff: int | None = None, max_backoff: int | None = None,
-         time_limit: int | None = None,
+         time_limit: int | None = None, soft_time_limit: int | None = None,
          retry_on: tuple[type[BaseException], ...] = (Exception,)) -> Any:
     """Decorator: ``@task`` or ``@task(name=..., queue=..., max_retries=...)``.
 
-    Backoffs and ``time_limit`` are milliseconds, as in Dramatiq.
+    Backoffs and time limits are milliseconds, as in Dramatiq. ``time_limit`` (hard:
+    the worker process is killed) and ``soft_time_limit`` (``SoftTimeLimitExceeded``
+    is raised inside the task) default to ``COATI_QUEUE['TIME_LIMIT']`` and
+    ``['SOFT_TIME_LIMIT']``; ``0`` turns one off for this task.
     """
     def decorate(target: Callable[..., Any]) -> Task:
         return registry.register(target, name, queue=queue, max_retries=max_retries,
                                  min_backoff=min_backoff, max_backoff=max_backoff,
-                                 time_limit=time_limit, retry_on=retry_on)
+                                 time_limit=time_limit, soft_time_limit=soft_time_limit,
+                                 retry_on=retry_on)
 
     return decorate(func) if func is not None else decorate

@@ -142,3 +142,117 @@ def lease_slow(label, seconds):
     if runs == 1:
         time.sleep(seconds)
     return runs
+
+
+# -- time limits and the supervisor (tests/test_time_limits.py, tests/test_supervisor.py) ---
+def _limits_mark(label, what="run"):
+    Mark.objects.create(label=label, queue=what, started=time.time())
+
+
+@coati_queue.task(name="tests.limits_soft_cleanup", soft_time_limit=300, time_limit=20_000,
+                  max_retries=3)
+def limits_soft_cleanup(label):
+    """Works in small steps until the soft limit; cleans up (a Mark) and re-raises. Its
+    retry_on is the default (Exception,): a time limit is still final."""
+    _limits_mark(label)
+    try:
+        while True:
+            time.sleep(0.01)
+    except coati_queue.SoftTimeLimitExceeded:
+        _limits_mark(label, "cleanup")
+        raise
+
+
+@coati_queue.task(name="tests.limits_soft_retried", soft_time_limit=200, time_limit=20_000,
+                  max_retries=1, min_backoff=50, max_backoff=100,
+                  retry_on=(coati_queue.SoftTimeLimitExceeded,))
+def limits_soft_retried(label):
+    """Overruns its soft limit on every attempt; its retry_on names the limit."""
+    _limits_mark(label)
+    while True:
+        time.sleep(0.01)
+
+
+@coati_queue.task(name="tests.limits_ignores_soft", soft_time_limit=200, time_limit=1_000,
+                  max_retries=3)
+def limits_ignores_soft(label):
+    """Catches the soft limit and goes on sleeping: only the hard limit ends it."""
+    _limits_mark(label)
+    while True:
+        try:
+            while True:
+                time.sleep(0.01)
+        except coati_queue.SoftTimeLimitExceeded:
+            _limits_mark(label, "soft-ignored")
+
+
+@coati_queue.task(name="tests.limits_blocks_in_c", soft_time_limit=200, time_limit=1_000,
+                  max_retries=3)
+def limits_blocks_in_c(label):
+    """Stuck in C code holding the GIL (catastrophic regex backtracking): no Python
+    exception can reach it, no other thread of its process runs."""
+    import re
+
+    _limits_mark(label)
+    return bool(re.fullmatch(r"(a|aa)+b", "a" * 60))
+
+
+@coati_queue.task(name="tests.limits_hard_retried", soft_time_limit=0, time_limit=700,
+                  max_retries=1, min_backoff=50, max_backoff=100,
+                  retry_on=(coati_queue.TimeLimitExceeded,))
+def limits_hard_retried(label):
+    """Sleeps past its hard limit on every attempt (no soft limit); retry_on names it."""
+    _limits_mark(label)
+    time.sleep(60)
+
+
+@coati_queue.task(name="tests.limits_default", max_retries=0)
+def limits_default(label, seconds):
+    """No limits of its own: COATI_QUEUE's apply."""
+    _limits_mark(label)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+    except coati_queue.SoftTimeLimitExceeded:
+        _limits_mark(label, "cleanup")
+        raise
+    return label
+
+
+@coati_queue.task(name="tests.limits_no_limits", time_limit=0, soft_time_limit=0,
+                  max_retries=0)
+def limits_no_limits():
+    return "unlimited"
+
+
+@coati_queue.task(name="tests.limits_pid", max_retries=0)
+def limits_pid(label):
+    """Which worker process ran it."""
+    import os
+
+    _limits_mark(label)
+    return os.getpid()
+
+
+_limits_ballast = []
+
+
+@coati_queue.task(name="tests.limits_allocate", max_retries=0)
+def limits_allocate(mib, hold):
+    """Keeps ``mib`` MiB resident in its process (a leak), then stays ``hold`` seconds."""
+    import os
+
+    _limits_ballast.append(b"\x01" * (mib * 2 ** 20))
+    time.sleep(hold)
+    return os.getpid()
+
+
+@coati_queue.task(name="tests.limits_slow_once", max_retries=0)
+def limits_slow_once(label, seconds):
+    """Sleeps ``seconds`` on its first run only (a Mark per run)."""
+    first = not Mark.objects.filter(label=label).exists()
+    _limits_mark(label)
+    if first:
+        time.sleep(seconds)
+    return label

@@ -127,8 +127,19 @@ class Command(BaseCommand):
             state = "alive" if worker["alive"] else "LOST: no heartbeat"
             lines.append(f"Worker {worker['worker_id']} pid {worker['pid']} on "
                          f"{worker['hostname']}: {','.join(worker['queues'])}; last seen "
-                         f"{worker['last_seen']} ({state})")
+                         f"{worker['last_seen']} ({state}); {self.running_text(worker)}")
         return "\n".join(lines)
+
+    @staticmethod
+    def running_text(worker: dict) -> str:
+        """What the worker runs now: its longest-running task, for how long, and how many
+        more (a stuck task shows here before its time limit hits)."""
+        task = worker.get("current_task")
+        if not task:
+            return "idle"
+        more = worker.get("running_tasks", 1) - 1
+        return (f"running {task['name']} ({task['id']}) for {task['running_seconds']:.1f} s"
+                + (f" and {more} more task(s)" if more > 0 else ""))
 
     @staticmethod
     def dead_letter_line(counts: dict | None) -> str:

@@ -1,19 +1,17 @@
-"""``manage.py runworkers``: N worker processes of M threads on the selected backend."""
+"""``manage.py runworkers``: a supervisor and N worker processes of M threads."""
 
 from __future__ import annotations
 
+import logging
 import os
-import signal
-import subprocess
 import sys
-import time
-import argparse
 from argparse import ArgumentTypeError
 
 from django.core.management.base import BaseCommand, CommandError
 
 from coati_queue.conf import get_settings
-from coati_queue.worker import SUPERVISOR_STOP
+
+LOG_LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG, 3: logging.DEBUG}
 
 
 def positive_int(text: str) -> int:
@@ -26,16 +24,47 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise ArgumentTypeError(f"cannot be negative, got {value} (0: off)")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value < 0:
+        raise ArgumentTypeError(f"cannot be negative, got {text}")
+    return value
+
+
 def queue_list(text: str) -> list[str]:
     queues = [q.strip() for q in text.split(",") if q.strip()]
     if not queues:
         raise ArgumentTypeError("name at least one queue, e.g. high,default,low")
+    if len(set(queues)) != len(queues):
+        raise ArgumentTypeError(f"a queue is named twice in {text!r}")
     return queues
 
 
+def worker_type(text: str) -> str:
+    if text != "thread":
+        raise ArgumentTypeError(
+            f"{text!r} is not supported: workers are threads (--threads) inside supervised "
+            "processes (--processes); time limits, leases and tracking rely on that")
+    return text
+
+
 class Command(BaseCommand):
-    help = ("Run background workers for the selected backend. Queues are consumed in the "
-            "order given (highest priority first).")
+    help = ("Run background workers for the selected backend: a supervisor that starts "
+            "--processes worker processes of --threads threads, replaces any that dies, and "
+            "enforces hard time limits. Queues are consumed in the order given (first first).")
 
     def add_arguments(self, parser):
         parser.add_argument("--processes", type=positive_int, default=None,
@@ -43,25 +72,54 @@ class Command(BaseCommand):
         parser.add_argument("--threads", type=positive_int, default=None,
                             help="threads per process (default: COATI_QUEUE WORKER_THREADS)")
         parser.add_argument("--queues", type=queue_list, default=None,
-                            help="comma-separated queues, highest priority first (default: all)")
+                            help="comma-separated queues, consumed in this order: the first "
+                                 "before the second... (default: all, in QUEUES order)")
         parser.add_argument("--burst", action="store_true",
                             help="exit when the queues are empty (nothing queued, delayed or running)")
         parser.add_argument("--backend", choices=["huey", "dramatiq"], default=None,
                             help="force a backend instead of COATI_QUEUE['BACKEND']")
-        parser.add_argument("--worker-type", choices=["thread", "greenlet"], default="thread",
-                            help="Huey worker type inside each process (default thread)")
         parser.add_argument("--poll-ms", type=positive_int, default=None,
                             help="idle polling interval in milliseconds")
-        # Set by the supervisor on its children: repeated SIGTERM/SIGINT mean one stop.
-        parser.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
+        parser.add_argument("--max-tasks-per-child", type=non_negative_int, default=None,
+                            metavar="N", help="replace a worker process after it ran N tasks "
+                            "(default: COATI_QUEUE WORKER_MAX_TASKS_PER_CHILD; 0: never)")
+        parser.add_argument("--max-memory-per-child", type=non_negative_int, default=None,
+                            metavar="MiB", help="replace a worker process, after its current "
+                            "tasks, once its resident memory is above MiB (default: COATI_QUEUE "
+                            "WORKER_MAX_MEMORY_PER_CHILD; 0: never)")
+        parser.add_argument("--shutdown-timeout", type=non_negative_float, default=None,
+                            metavar="S", help="seconds a graceful stop waits for in-flight "
+                            "tasks; then they are given back and run again later (default: "
+                            "COATI_QUEUE WORKER_SHUTDOWN_TIMEOUT; none: until they end)")
+        parser.add_argument("--verbose", action="store_true",
+                            help="log debug messages (same as -v 2; -v 3 adds Dramatiq's and "
+                                 "Huey's)")
+        # Accepted so existing command lines keep working; nothing else is real.
+        parser.add_argument("--worker-type", type=worker_type, default="thread",
+                            help="only 'thread' (the default)")
 
     def handle(self, *args, **options):
         from coati_queue.selection import get_queue_driver
+        from coati_queue.supervisor import CrashLoop, Supervisor
+        from coati_queue.worker import WorkerOptions
 
         settings = get_settings()
+        verbosity = max(options["verbosity"], 2 if options["verbose"] else 0)
+        configure_logging(verbosity)
         processes = options["processes"] or settings.WORKER_PROCESSES or os.cpu_count() or 1
         threads = options["threads"] or settings.WORKER_THREADS
         queues = options["queues"] or list(settings.QUEUES)
+        unknown = [q for q in queues if q not in settings.QUEUES]
+        if unknown:
+            raise CommandError(f"Unknown queue(s) {', '.join(unknown)}; COATI_QUEUE['QUEUES'] "
+                               f"is {settings.QUEUES}.")
+        max_tasks = _default(options["max_tasks_per_child"], settings.WORKER_MAX_TASKS_PER_CHILD)
+        max_memory = _default(options["max_memory_per_child"],
+                              settings.WORKER_MAX_MEMORY_PER_CHILD)
+        if max_memory and not os.path.exists(f"/proc/{os.getpid()}/statm"):
+            raise CommandError("--max-memory-per-child reads /proc (Linux); this system has "
+                               "none.")
+        shutdown_timeout = _default(options["shutdown_timeout"], settings.WORKER_SHUTDOWN_TIMEOUT)
         try:
             driver = get_queue_driver(options["backend"])
         except Exception as exc:
@@ -69,57 +127,47 @@ class Command(BaseCommand):
         if driver.runs_in_caller:
             raise CommandError("The queue is disabled (QUEUE_ENABLED=0 or BACKEND='immediate'): "
                                "tasks run in the caller and there is nothing for workers to do.")
-        if processes > 1:
-            return self._supervise(processes, driver.name, options, queues, threads)
-        from coati_queue.worker import WorkerProcess
-
-        try:
-            worker = WorkerProcess(driver, queues, threads, burst=options["burst"],
-                                   worker_type=options["worker_type"], poll_ms=options["poll_ms"],
-                                   supervised=options["supervised"])
-        except ValueError as exc:
-            raise CommandError(str(exc)) from exc
-        if options["verbosity"] >= 1:
+        if verbosity >= 1:
             self.stderr.write(f"runworkers: {driver.name} ({driver.reason}), queues "
-                              f"{','.join(queues)}, {threads} thread(s), pid {os.getpid()}")
-        code = worker.run()
+                              f"{','.join(queues)}, {processes} process(es) x {threads} "
+                              f"thread(s), supervisor pid {os.getpid()}")
+        supervisor = Supervisor(
+            driver, WorkerOptions(driver.name, queues, threads, burst=options["burst"],
+                                  poll_ms=options["poll_ms"], max_tasks=max_tasks),
+            processes=processes, max_memory_mib=max_memory, shutdown_timeout=shutdown_timeout)
+        try:
+            code = supervisor.run()
+        except CrashLoop as exc:
+            raise CommandError(f"runworkers stopped: {exc}") from None
         if code:
             sys.exit(code)
 
-    def _supervise(self, processes, backend, options, queues, threads):
-        """Start one child per process and pass signals on; exit with the worst status.
 
-        A first SIGTERM/SIGINT is passed on as SIGUSR1 (graceful: children finish
-        in-flight tasks); a second one as SIGQUIT (children exit at once, their
-        in-flight work is given back by the broker). Children ignore SIGTERM and
-        SIGINT, which reach them too when the whole process group is signalled.
-        """
-        command = [sys.executable, "-m", "django", "runworkers", "--processes", "1",
-                   "--threads", str(threads), "--queues", ",".join(queues),
-                   "--backend", backend, "--worker-type", options["worker_type"],
-                   "--verbosity", str(options["verbosity"]), "--skip-checks", "--supervised"]
-        if options["burst"]:
-            command.append("--burst")
-        if options["poll_ms"]:
-            command += ["--poll-ms", str(options["poll_ms"])]
-        if options.get("settings"):
-            command += ["--settings", options["settings"]]
-        env = dict(os.environ)
-        env.setdefault("PYTHONPATH", os.getcwd())
-        children = [subprocess.Popen(command, env=env) for _ in range(processes)]
-        received = []
+def _default(given, setting):
+    return setting if given is None else given
 
-        def forward(signum, frame):
-            received.append(signum)
-            passed_on = SUPERVISOR_STOP if len(received) == 1 else signal.SIGQUIT
-            for child in children:
-                if child.poll() is None:
-                    child.send_signal(passed_on)
 
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, forward)
-        while any(child.poll() is None for child in children):
-            time.sleep(0.1)
-        worst = max(child.returncode for child in children)
-        if worst:
-            sys.exit(worst if worst > 0 else 1)
+def configure_logging(verbosity: int) -> None:
+    """``-v 0`` warnings, ``1`` info, ``2`` (``--verbose``) debug, ``3`` debug from
+    Dramatiq and Huey too. A logger no configuration handles gets one on stderr."""
+    level = LOG_LEVELS.get(verbosity, logging.DEBUG)
+    names = ["coati_queue"] + (["dramatiq", "huey"] if verbosity >= 3 else [])
+    for name in names:
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if not logger.hasHandlers() or not _handles(logger, level):
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter(
+                "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"))
+            logger.addHandler(handler)
+            logger.propagate = False
+
+
+def _handles(logger: logging.Logger, level: int) -> bool:
+    """Some handler on the way up shows records of ``level`` (the last resort does not)."""
+    current: logging.Logger | None = logger
+    while current is not None:
+        if any(handler.level <= level for handler in current.handlers):
+            return True
+        current = current.parent if current.propagate else None
+    return False
