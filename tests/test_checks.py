@@ -23,7 +23,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from coati_queue import checks, selection
-from coati_queue.conf import QueueSettings, get_settings
+from coati_queue.conf import get_settings
 from coati_queue.models import WorkerHeartbeat
 from tests.conftest import REPO_ROOT, free_port, queue_settings, redis_password
 
