@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 from argparse import ArgumentTypeError
+from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
@@ -14,34 +15,27 @@ from coati_queue.conf import get_settings
 LOG_LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG, 3: logging.DEBUG}
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, kind: type, lowest: float, expected: str, too_low: str) -> Any:
+    """One argparse type for counts and durations: the error names the bad value."""
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise ArgumentTypeError(f"must be at least 1, got {value}")
+        raise ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < lowest:
+        raise ArgumentTypeError(too_low.format(value=value))
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, 1, "a whole number", "must be at least 1, got {value}")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise ArgumentTypeError(f"cannot be negative, got {value} (0: off)")
-    return value
+    return _number(text, int, 0, "a whole number", "cannot be negative, got {value} (0: off)")
 
 
 def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if value < 0:
-        raise ArgumentTypeError(f"cannot be negative, got {text}")
-    return value
+    return _number(text, float, 0, "a number of seconds", "cannot be negative, got {value}")
 
 
 def queue_list(text: str) -> list[str]:
