@@ -24,10 +24,8 @@ from coati_queue.reconcile import reconcile
 from coati_queue.selection import get_queue_driver
 from coati_queue.tracking import StateBuffer, record_from_job
 from tests.conftest import free_port, redis_password, sigkill_runworkers
+from tests.test_workers import worker_backend  # noqa: F401 - a fixture
 from tests.testapp.models import Mark
-
-WORKER_BACKENDS = ("huey", "dramatiq")
-
 
 def envelope(**fields) -> str:
     data = Job(task="tests.add", args=[1, 2]).to_dict()
@@ -165,14 +163,7 @@ def test_outside_a_transaction_redis_down_raises_with_the_password_masked(queue_
     assert not TaskResult.objects.exists()  # nothing stuck in "pending"
 
 
-# -- the reconciler --------------------------------------------------------------------------
-@pytest.fixture(params=WORKER_BACKENDS)
-def worker_backend(request, queue_env, huey_path):
-    if request.param == "huey":
-        queue_env(COATI_QUEUE_BACKEND="huey", COATI_QUEUE_PATH=huey_path)
-    else:
-        queue_env(COATI_QUEUE_BACKEND="dramatiq", REDIS_URL=request.getfixturevalue("redis_url"))
-    return get_queue_driver(request.param)
+# -- the reconciler (on both worker backends: tests/test_workers.py's fixture) ----------------
 
 
 def backdate(task_id: str, seconds: float) -> None:
@@ -192,7 +183,7 @@ def drop_every_message(driver) -> None:
 def test_a_pending_task_whose_message_vanished_is_sent_again_once(worker_backend, run_workers):
     import tests.testapp.tasks as tasks
 
-    driver = worker_backend
+    _, driver = worker_backend
     kept = tasks.add.send(1, 1)
     lost = tasks.add.send(2, 2)
     drop_every_message(driver)
@@ -216,7 +207,7 @@ def test_a_task_of_a_lost_worker_is_sent_again_then_failed_at_the_limit(worker_b
                                                                          run_workers):
     import tests.testapp.tasks as tasks
 
-    driver = worker_backend
+    _, driver = worker_backend
     task_id = tasks.add.send(5, 5)
     drop_every_message(driver)  # its worker died with the message (no broker copy)
     long_ago = timezone.now() - datetime.timedelta(hours=1)
