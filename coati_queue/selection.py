@@ -14,11 +14,14 @@ import tempfile
 import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .conf import QueueSettings, get_settings, reset_settings
 from .core.exceptions import BackendUnavailable, StorageUnavailable
 from .redis_url import error_text, mask_redis_url, secret_url
+
+if TYPE_CHECKING:
+    from .backends.base import QueueDriver
 
 logger = logging.getLogger("coati_queue")
 
@@ -356,7 +359,7 @@ _drivers: dict[str | None, Any] = {}
 _drivers_lock = threading.Lock()
 
 
-def get_queue_driver(force_backend: str | None = None) -> Any:
+def get_queue_driver(force_backend: str | None = None) -> QueueDriver:
     """The process-wide driver (``force_backend`` picks huey/dramatiq/immediate)."""
     driver = _drivers.get(force_backend)
     if driver is not None:
@@ -376,6 +379,6 @@ def reset_drivers() -> None:
 
 
 def reset_on_setting_changed(setting: str, **kwargs: Any) -> None:
-    if setting in {"COATI_QUEUE", "DATABASES"}:
+    if setting in {"COATI_QUEUE", "DATABASES", "TASKS"}:  # TASKS: its coati backends' QUEUES
         reset_settings()
         reset_drivers()

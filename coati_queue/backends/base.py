@@ -19,7 +19,7 @@ from ..core.exceptions import BackendUnavailable
 from ..core.execution import execute
 from ..core.jobs import Job, ensure_json_arguments, new_job_id
 from ..core.middleware import Middleware, MiddlewareStack
-from ..core.tasks import Task, registry
+from ..core.tasks import Task, TaskCall, registry
 
 logger = logging.getLogger("coati_queue")
 
@@ -51,7 +51,7 @@ class QueueDriver:
 
     # -- registration -----------------------------------------------------
     def register_task(self, func: Callable[..., Any], name: str | None = None,
-                      **options: Any) -> Task:
+                      **options: Any) -> Task[..., Any]:
         """Register ``func``; options as for ``@coati_queue.task``."""
         return registry.register(func, name, **options)
 
@@ -66,15 +66,16 @@ class QueueDriver:
         return self.enqueue_task(registry.get(task_name), list(args), kwargs, delay=delay,
                                  queue=queue)
 
-    def enqueue_task(self, task: Task, args: list, kwargs: dict, *, delay: float | None = None,
-                     queue: str | None = None, on_commit: bool | None = None,
-                     batch_id: int | None = None, task_id: str | None = None) -> str:
+    def enqueue_task(self, task: Task[..., Any], args: list[Any], kwargs: dict[str, Any], *,
+                     delay: float | None = None, queue: str | None = None,
+                     on_commit: bool | None = None, batch_id: int | None = None,
+                     task_id: str | None = None) -> str:
         job = self.build_job(task, args, kwargs, queue=queue, delay=delay, batch_id=batch_id,
                              task_id=task_id)
         self.dispatch([job], on_commit=on_commit)
         return job.id
 
-    def enqueue_many(self, task: Task | str, calls: Iterable[tuple[Iterable[Any], dict]], *,
+    def enqueue_many(self, task: Task[..., Any] | str, calls: Iterable[TaskCall], *,
                      queue: str | None = None, delay: float | None = None,
                      on_commit: bool | None = None, batch_id: int | None = None) -> list[str]:
         """Bulk enqueue: one tracking INSERT per 500 jobs, one broker round trip."""
@@ -84,9 +85,9 @@ class QueueDriver:
         self.dispatch(jobs, on_commit=on_commit)
         return [job.id for job in jobs]
 
-    def build_job(self, task: Task, args: list, kwargs: dict, *, queue: str | None = None,
-                  delay: float | None = None, batch_id: int | None = None,
-                  task_id: str | None = None) -> Job:
+    def build_job(self, task: Task[..., Any], args: list[Any], kwargs: dict[str, Any], *,
+                  queue: str | None = None, delay: float | None = None,
+                  batch_id: int | None = None, task_id: str | None = None) -> Job:
         s, o = self.settings, task.options
         ensure_json_arguments(task.name, args, kwargs, max_size=s.MAX_MESSAGE_SIZE)
         queue = queue or o.queue or s.DEFAULT_QUEUE

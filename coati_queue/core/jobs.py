@@ -43,8 +43,8 @@ def ensure_json(value: Any, where: str) -> int:
         ) from None
 
 
-def ensure_json_arguments(task_name: str, args: tuple | list, kwargs: dict,
-                          max_size: int | None = None) -> None:
+def ensure_json_arguments(task_name: str, args: tuple[Any, ...] | list[Any],
+                          kwargs: dict[str, Any], max_size: int | None = None) -> None:
     """Arguments must be plain JSON nested at most ``MAX_JSON_DEPTH`` deep and, with
     ``max_size``, encode to at most that many bytes in all (checked at send, so the
     caller gets the error rather than a worker's dead letter)."""
@@ -88,8 +88,8 @@ class Job:
     """One task invocation; ``attempt`` is 1 for the first delivery."""
 
     task: str
-    args: list = field(default_factory=list)
-    kwargs: dict = field(default_factory=dict)
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
     queue: str = "default"
     id: str = field(default_factory=new_job_id)
     attempt: int = 1
@@ -115,7 +115,7 @@ class Job:
         return json.dumps(self.to_dict(), separators=(",", ":"))
 
     @classmethod
-    def decode(cls, data: str | bytes | dict) -> "Job":
+    def decode(cls, data: str | bytes | dict[str, Any]) -> "Job":
         """Parse a message; ``InvalidJob`` says what is wrong with it."""
         if isinstance(data, (bytes, bytearray)):
             try:

@@ -76,7 +76,8 @@ class MiddlewareStack:
             self._call(item, hook, args, kwargs, False)
 
     @staticmethod
-    def _call(item: Middleware, hook: str, args: tuple, kwargs: dict, strict: bool) -> None:
+    def _call(item: Middleware, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+              strict: bool) -> None:
         try:
             getattr(item, hook)(*args, **kwargs)
         except (SkipJob, InvalidJob):

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import (Any, Callable, Generic, Iterable, Mapping, ParamSpec, Protocol, TypeVar,
+                    overload)
 
 from .exceptions import TaskAlreadyRegistered, TaskNotRegistered
+
+P = ParamSpec("P")
+R = TypeVar("R")
+#: One call for ``Task.send_many``: ``(args, kwargs)``.
+TaskCall = tuple[Iterable[Any], Mapping[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -41,10 +47,14 @@ def _limit(own: int | None, default: int | None) -> int | None:
     return value or None
 
 
-class Task:
-    """A registered function. Call it to run inline; ``send`` to run it on a worker."""
+class Task(Generic[P, R]):
+    """A registered function. Call it to run inline; ``send`` to run it on a worker.
 
-    def __init__(self, func: Callable[..., Any], name: str, options: TaskOptions):
+    Generic in the function's parameters and result, so a type checker checks the
+    arguments of a direct call and of ``send`` against the decorated function.
+    """
+
+    def __init__(self, func: Callable[P, R], name: str, options: TaskOptions):
         self.func = func
         self.name = name
         self.options = options
@@ -54,39 +64,48 @@ class Task:
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.func(*args, **kwargs)
 
-    def send(self, *args: Any, **kwargs: Any) -> str:
+    def send(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """Enqueue with the task's defaults; returns the task id at once."""
         return self.send_with_options(args=args, kwargs=kwargs)
 
-    def send_with_options(self, *, args: Iterable[Any] = (), kwargs: dict | None = None,
+    def send_with_options(self, *, args: Iterable[Any] = (),
+                          kwargs: Mapping[str, Any] | None = None,
                           delay: float | None = None, queue: str | None = None,
-                          on_commit: bool | None = None, **internal: Any) -> str:
+                          on_commit: bool | None = None, batch_id: int | None = None,
+                          task_id: str | None = None) -> str:
         """Enqueue with per-call options: ``delay`` in seconds, another ``queue``,
-        ``on_commit=False`` to send now even inside a transaction."""
+        ``on_commit=False`` to send now even inside a transaction (``batch_id`` and
+        ``task_id`` are for coati_queue's own batches and re-sends).
+
+        ``args``/``kwargs`` are not checked against the function by a type checker
+        (a ParamSpec cannot be split into a tuple and a dict); ``send`` is.
+        """
         from coati_queue.selection import get_queue_driver
 
         return get_queue_driver().enqueue_task(self, list(args), dict(kwargs or {}), delay=delay,
-                                               queue=queue, on_commit=on_commit, **internal)
+                                               queue=queue, on_commit=on_commit,
+                                               batch_id=batch_id, task_id=task_id)
 
-    def send_many(self, calls: Iterable[tuple[Iterable[Any], dict]], *,
+    def send_many(self, calls: Iterable[TaskCall], *,
                   queue: str | None = None, delay: float | None = None,
-                  **internal: Any) -> list[str]:
+                  on_commit: bool | None = None, batch_id: int | None = None) -> list[str]:
         """Enqueue many calls as one bulk write; ``calls`` yields ``(args, kwargs)``."""
         from coati_queue.selection import get_queue_driver
 
-        return get_queue_driver().enqueue_many(self, calls, queue=queue, delay=delay, **internal)
+        return get_queue_driver().enqueue_many(self, calls, queue=queue, delay=delay,
+                                               on_commit=on_commit, batch_id=batch_id)
 
 
 class TaskRegistry:
     def __init__(self) -> None:
-        self._tasks: dict[str, Task] = {}
+        self._tasks: dict[str, Task[..., Any]] = {}
         self._lock = threading.Lock()
 
-    def register(self, func: Callable[..., Any], name: str | None = None, *,
-                 replace: bool = True, task_class: type[Task] = Task, **options: Any) -> Task:
+    def register(self, func: Callable[P, R], name: str | None = None, *, replace: bool = True,
+                 task_class: type[Task[Any, Any]] = Task, **options: Any) -> Task[P, R]:
         """Register ``func`` under ``name`` (default: ``module.qualname``).
 
         Registering the same name again replaces it (re-imports, autoreload),
@@ -103,7 +122,7 @@ class TaskRegistry:
             self._tasks[task_name] = task
         return task
 
-    def get(self, name: str) -> Task:
+    def get(self, name: str) -> Task[..., Any]:
         try:
             return self._tasks[name]
         except KeyError:
@@ -123,11 +142,29 @@ class TaskRegistry:
 registry = TaskRegistry()
 
 
+class TaskDecorator(Protocol):
+    """What ``@task(...)`` returns: turns a function into a ``Task`` of its signature."""
+
+    def __call__(self, func: Callable[P, R], /) -> Task[P, R]: ...
+
+
+@overload
+def task(func: Callable[P, R], /) -> Task[P, R]: ...
+
+
+@overload
+def task(*, name: str | None = None, queue: str | None = None, max_retries: int | None = None,
+         min_backoff: int | None = None, max_backoff: int | None = None,
+         time_limit: int | None = None, soft_time_limit: int | None = None,
+         retry_on: tuple[type[BaseException], ...] = (Exception,)) -> TaskDecorator: ...
+
+
 def task(func: Callable[..., Any] | None = None, *, name: str | None = None,
          queue: str | None = None, max_retries: int | None = None,
          min_backoff: int | None = None, max_backoff: int | None = None,
          time_limit: int | None = None, soft_time_limit: int | None = None,
-         retry_on: tuple[type[BaseException], ...] = (Exception,)) -> Any:
+         retry_on: tuple[type[BaseException], ...] = (Exception,)
+         ) -> Task[..., Any] | TaskDecorator:
     """Decorator: ``@task`` or ``@task(name=..., queue=..., max_retries=...)``.
 
     Backoffs and time limits are milliseconds, as in Dramatiq. ``time_limit`` (hard:
@@ -135,7 +172,7 @@ def task(func: Callable[..., Any] | None = None, *, name: str | None = None,
     is raised inside the task) default to ``COATI_QUEUE['TIME_LIMIT']`` and
     ``['SOFT_TIME_LIMIT']``; ``0`` turns one off for this task.
     """
-    def decorate(target: Callable[..., Any]) -> Task:
+    def decorate(target: Callable[P, R], /) -> Task[P, R]:
         return registry.register(target, name, queue=queue, max_retries=max_retries,
                                  min_backoff=min_backoff, max_backoff=max_backoff,
                                  time_limit=time_limit, soft_time_limit=soft_time_limit,
