@@ -166,6 +166,8 @@ class QueueSettings:
                 values[f.name] = f.metadata["parse"](raw)
             except (TypeError, ValueError) as exc:
                 raise ImproperlyConfigured(f"Invalid value for {origin}: {exc}") from exc
+        extra = [name for name in django_task_queues() if name not in values["QUEUES"]]
+        values["QUEUES"] = [*values["QUEUES"], *extra]  # consumed after coati's own
         resolved = cls(**values)
         resolved.validate()
         return resolved
@@ -207,6 +209,36 @@ class QueueSettings:
     def queue_priority(self, queue: str) -> int:
         """Higher number = consumed first; ``QUEUES`` lists the highest first."""
         return len(self.QUEUES) - self.QUEUES.index(queue)
+
+
+#: Where ``settings.TASKS`` names coati_queue as a backend of Django's tasks framework.
+COATI_TASK_BACKEND = "coati_queue.django_tasks.CoatiTaskBackend"
+
+
+def django_task_queues() -> list[str]:
+    """The ``QUEUES`` of coati_queue's backends in ``settings.TASKS`` (Django 6+).
+
+    Django accepts a task for such a queue, so it must be a real coati queue:
+    ``QueueSettings.QUEUES`` appends them (after ``COATI_QUEUE["QUEUES"]``, so
+    consumed last) and ``runworkers`` consumes them by default. A name the
+    envelope cannot carry (not 1-64 characters) is left out; the backend's
+    system check reports it. Matched by path, without importing anything (settings
+    may be read before the apps are ready): a subclass of the backend lists its
+    queues in ``COATI_QUEUE["QUEUES"]`` too.
+    """
+    from django.conf import settings
+
+    tasks = getattr(settings, "TASKS", None)
+    found: list[str] = []
+    if not isinstance(tasks, dict):
+        return found
+    for params in tasks.values():
+        if not isinstance(params, dict) or params.get("BACKEND") != COATI_TASK_BACKEND:
+            continue
+        for name in params.get("QUEUES") or ():
+            if isinstance(name, str) and 0 < len(name) <= 64 and name not in found:
+                found.append(name)
+    return found
 
 
 _cached: QueueSettings | None = None

@@ -64,6 +64,10 @@ class TaskResult(models.Model):
     result = models.JSONField(_("result"), null=True, blank=True)
     error = models.TextField(_("error"), blank=True, default="")
     traceback = models.TextField(_("traceback"), blank=True, default="")
+    # The failure's class as ``module.QualName``, stored (not parsed back from the
+    # traceback, whose last line may be a message line or an add_note() note).
+    exception_class = models.CharField(_("exception class"), max_length=255, blank=True,
+                                       default="")
     attempts = models.PositiveIntegerField(_("attempts"), default=0)
     max_retries = models.PositiveIntegerField(_("max retries"), default=0)
     enqueued_at = models.DateTimeField(_("enqueued at"), default=timezone.now, db_index=True)

@@ -62,7 +62,9 @@ class RunningJob:
 
     @property
     def started_at(self) -> datetime.datetime:
-        return datetime.datetime.fromtimestamp(self.started, datetime.timezone.utc)
+        from .clock import from_epoch
+
+        return from_epoch(self.started)
 
 
 class StatusChannel:
@@ -297,7 +299,7 @@ def hard_limit_outcome(driver: Any, job: ChildJob, ran: float, worker_id: str,
 
     from django.utils import timezone
 
-    from .core.execution import retry_delay
+    from .core.execution import exception_path, retry_delay
     from .core.tasks import registry
     from .models import TaskResult, TaskStatus
     from .reconcile import job_from_record
@@ -317,12 +319,14 @@ def hard_limit_outcome(driver: Any, job: ChildJob, ran: float, worker_id: str,
     if retry_in is None:
         written = record.update(
             status=TaskStatus.FAILED, error=error, traceback=note, attempts=job.attempt,
+            exception_class=exception_path(TimeLimitExceeded),
             finished_at=now, duration_seconds=ran, worker_id=worker_id,
             expires_at=now + datetime.timedelta(seconds=settings.FAILURE_TTL))
         return f"{error}; failed" if written else f"{error}; no record to update"
     current = record.first()  # read before the write: nothing may fail after it
     if current is None or not record.update(status=TaskStatus.PENDING, error=error,
                                             traceback=note, attempts=job.attempt + 1,
+                                            exception_class=exception_path(TimeLimitExceeded),
                                             worker_id=""):
         return f"{error}; no record to update"
     # A first delivery of the next attempt (not claimed: its record says pending at that

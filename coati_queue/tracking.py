@@ -28,11 +28,14 @@ from django.db.models import Count
 from django.utils import timezone
 
 from .claims import ClaimRefused, ClaimRequest, fail_lost, write_claim_group
+from .clock import from_epoch
 from .core.exceptions import InvalidJob, SkipJob
+from .core.execution import exception_path
 from .core.jobs import Job
 from .core.middleware import Middleware
 from .models import FINISHED_TASK_STATES, PayrollBatch, TaskResult, TaskStatus
 from .reconcile import OutboxRelay
+from .sqlite import is_locked, retry_locked
 
 if TYPE_CHECKING:
     from .conf import QueueSettings
@@ -40,22 +43,24 @@ if TYPE_CHECKING:
 logger = logging.getLogger("coati_queue.tracking")
 
 UPSERT_FIELDS = ("id", "task_name", "queue", "backend", "status", "args", "kwargs", "result",
-                 "error", "traceback", "attempts", "max_retries", "enqueued_at", "eta",
+                 "error", "traceback", "exception_class", "attempts", "max_retries",
+                 "enqueued_at", "eta",
                  "started_at", "finished_at", "duration_seconds", "expires_at", "worker_id",
                  "batch", "unsent", "lost_count", "resends")
-UPDATED_ON_CONFLICT = ("status", "result", "error", "traceback", "attempts", "finished_at",
-                       "duration_seconds", "expires_at", "worker_id")
+UPDATED_ON_CONFLICT = ("status", "result", "error", "traceback", "exception_class", "attempts",
+                       "finished_at", "duration_seconds", "expires_at", "worker_id")
 
 
 def _when(epoch: float | None) -> datetime.datetime | None:
-    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc) if epoch else None
+    return from_epoch(epoch) if epoch else None  # naive local time when USE_TZ is False
 
 
 def record_from_job(job: Job, backend: str, **state: Any) -> dict[str, Any]:
     row = {
         "id": uuid.UUID(job.id), "task_name": job.task, "queue": job.queue, "backend": backend,
         "status": TaskStatus.PENDING, "args": job.args, "kwargs": job.kwargs, "result": None,
-        "error": "", "traceback": "", "attempts": 0, "max_retries": job.max_retries,
+        "error": "", "traceback": "", "exception_class": "", "attempts": 0,
+        "max_retries": job.max_retries,
         "enqueued_at": _when(job.enqueued_at), "eta": _when(job.eta), "started_at": None,
         "finished_at": None, "duration_seconds": None, "expires_at": None, "worker_id": "",
         "batch": job.batch_id, "unsent": False, "lost_count": 0, "resends": 0,
@@ -135,8 +140,11 @@ class StateBuffer:
                     write_claim_group(claims)
                 self.flush()
                 self._last_write = time.monotonic()
-            except DatabaseError:
-                logger.exception("Writing task states failed; will retry")
+            except DatabaseError as exc:
+                if is_locked(exc):  # locked past LOCK_PATIENCE: nothing is lost, try again
+                    logger.warning("Writing task states failed (%s); will retry", exc)
+                else:
+                    logger.exception("Writing task states failed; will retry")
                 connections.close_all()  # a fresh connection next time
 
     def flush(self) -> int:
@@ -146,7 +154,7 @@ class StateBuffer:
             if not rows:
                 return 0
             try:
-                write_states(rows)
+                retry_locked(write_states, rows, what="Writing task states")
             except (IntegrityError, DataError):
                 write_states_one_by_one(rows)  # one bad row must not hold back the rest
             except DatabaseError:
@@ -173,7 +181,7 @@ def write_states_one_by_one(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         for attempt in (row, {**row, "batch": None}):
             try:
-                write_states([attempt])
+                retry_locked(write_states, [attempt], what="Writing a task state")
                 break
             except (IntegrityError, DataError) as exc:
                 refused = exc
@@ -202,6 +210,7 @@ def write_states(rows: list[dict[str, Any]]) -> None:
              f"excluded.attempts >= {table}.attempts")
     per_row = len(fields)
     chunk = max(1, min(500, (connection.features.max_query_params or 999) // per_row))
+    rows = sorted(rows, key=lambda row: str(row["id"]))  # one lock order: no deadlock on PG
     with transaction.atomic(using=using):
         with connection.cursor() as cursor:
             for start in range(0, len(rows), chunk):
@@ -237,7 +246,9 @@ class TrackingMiddleware(Middleware):
     def before_enqueue(self, driver: Any, jobs: list[Job]) -> None:
         # The same multi-row statement as the worker's flush: the ORM's bulk_create
         # cost more than half of enqueue_many (benchmarks/NOTES.rst).
-        write_states([record_from_job(job, driver.name) for job in jobs])
+        # Retried on a lock only outside the caller's transaction (see retry_locked).
+        retry_locked(write_states, [record_from_job(job, driver.name) for job in jobs],
+                     what="Recording sent tasks")
 
     def before_execute(self, driver: Any, job: Job) -> None:
         started = timezone.now()
@@ -282,10 +293,11 @@ class TrackingMiddleware(Middleware):
                      "expires_at": now + datetime.timedelta(seconds=self.settings.RESULT_TTL)}
         elif retry_in_ms is not None:
             state = {"status": TaskStatus.PENDING, "error": str(exception) or repr(exception),
-                     "traceback": traceback}
+                     "traceback": traceback, "exception_class": exception_path(exception)}
         else:
             state = {"status": TaskStatus.FAILED, "error": str(exception) or repr(exception),
-                     "traceback": traceback, "finished_at": now, "duration_seconds": ran,
+                     "traceback": traceback, "exception_class": exception_path(exception),
+                     "finished_at": now, "duration_seconds": ran,
                      "expires_at": now + datetime.timedelta(seconds=self.settings.FAILURE_TTL)}
         self.buffer.put(record_from_job(job, driver.name, attempts=job.attempt,
                                         started_at=started, worker_id=self.worker_id, **state))
@@ -301,10 +313,10 @@ class TrackingMiddleware(Middleware):
         unreadable_file = (getattr(driver, "name", "") == "huey" and isinstance(raw, str)
                            and str(error).startswith("undecodable Huey message"))
         try:
-            dead_letters.record(raw, str(error) or repr(error),
-                                backend=getattr(driver, "name", ""),
-                                source="huey-file" if unreadable_file else "worker",
-                                seen_by=self.worker_id)
+            retry_locked(dead_letters.record, raw, str(error) or repr(error),
+                         backend=getattr(driver, "name", ""),
+                         source="huey-file" if unreadable_file else "worker",
+                         seen_by=self.worker_id, what="Recording a dead letter")
         except DatabaseError:
             # Never into the worker: the message is consumed, so the log keeps what it was.
             logger.exception("Could not record a dead letter (%s); the message began: %r",
@@ -315,8 +327,9 @@ class TrackingMiddleware(Middleware):
 
     def send_failed(self, driver: Any, jobs: list[Job], error: BaseException) -> None:
         # Autocommit, outside the caller's (committed) transaction: the outbox mark.
-        TaskResult.objects.filter(pk__in=[uuid.UUID(job.id) for job in jobs],
-                                  status=TaskStatus.PENDING).update(unsent=True)
+        unsent = TaskResult.objects.filter(pk__in=[uuid.UUID(job.id) for job in jobs],
+                                           status=TaskStatus.PENDING)
+        retry_locked(unsent.update, unsent=True, what="Marking unsent tasks")
         self.relay.mark()
 
     def flush(self, driver: Any) -> None:

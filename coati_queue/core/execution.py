@@ -65,18 +65,18 @@ def _dead_letter(driver: "QueueDriver", raw: Any, exc: InvalidJob) -> None:
 def _run(driver: "QueueDriver", job: Job) -> None:
     try:
         task = registry.get(job.task)
-    except TaskNotRegistered as exc:
+    except TaskNotRegistered as unknown:
         # Never resolved by import: a name from a message is only looked up.
-        _dead_letter(driver, job.to_dict(), InvalidJob(str(exc)))
+        _dead_letter(driver, job.to_dict(), InvalidJob(str(unknown)))
         return
 
     try:
         driver.middleware.before("before_execute", driver, job)
-    except SkipJob as exc:
-        logger.info("Job %s (%s) not run: %s", job.id, job.task, exc)
+    except SkipJob as skip:
+        logger.info("Job %s (%s) not run: %s", job.id, job.task, skip)
         return
-    except InvalidJob as exc:
-        _dead_letter(driver, job.to_dict(), exc)
+    except InvalidJob as invalid:
+        _dead_letter(driver, job.to_dict(), invalid)
         return
     result, exc = _call(driver, task, job)
     if exc is not None:
@@ -94,7 +94,8 @@ def _run(driver: "QueueDriver", job: Job) -> None:
         driver.middleware.after("after_execute", driver, job, result=result)
 
 
-def _call(driver: "QueueDriver", task: Task, job: Job) -> tuple[Any, BaseException | None]:
+def _call(driver: "QueueDriver", task: Task[..., Any],
+          job: Job) -> tuple[Any, BaseException | None]:
     """``(result, None)`` or ``(None, what the task raised)``, within the job's limits.
 
     In a worker the job is registered as running (the supervisor's hard limit, the
@@ -106,14 +107,16 @@ def _call(driver: "QueueDriver", task: Task, job: Job) -> tuple[Any, BaseExcepti
     from ..time_limits import running_jobs
 
     try:
-        return running_jobs().run(job, lambda: _invoke(task, job))
+        outcome: tuple[Any, BaseException | None] = running_jobs().run(
+            job, lambda: _invoke(task, job))
+        return outcome
     except TimeLimitExceeded as exc:
         # The soft limit fired as the task was returning: it landed after the task's own
         # code (between two bytecodes of ours), which is still this task's overrun.
         return None, exc
 
 
-def _invoke(task: Task, job: Job) -> tuple[Any, BaseException | None]:
+def _invoke(task: Task[..., Any], job: Job) -> tuple[Any, BaseException | None]:
     try:
         result = task.func(*job.args, **job.kwargs)
         ensure_json(result, f"The result of task {job.task!r}")
@@ -143,6 +146,12 @@ def retry_delay(retry_on: tuple[type[BaseException], ...], job: Job,
     if not isinstance(exc, Exception) or not isinstance(exc, retry_on):
         return None  # SystemExit, KeyboardInterrupt, time limits: final
     return job.backoff_ms()
+
+
+def exception_path(exc: BaseException | type[BaseException]) -> str:
+    """``module.QualName`` of an exception (or its class), as task records store it."""
+    kind = exc if isinstance(exc, type) else type(exc)
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _format(exc: BaseException) -> str:
