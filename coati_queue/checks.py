@@ -3,8 +3,9 @@
 Two kinds, with one rule for when each runs:
 
 * **Configuration** (every ``manage.py`` command, ``check`` included): settings
-  that do not parse or import, SQLite without WAL, and the Huey directory the
-  configuration would use (missing and not creatable, not writable, or unsafe).
+  that do not parse or import, SQLite that coati cannot switch to WAL, and the Huey
+  directory the configuration would use (missing and not creatable, not writable, or
+  unsafe).
   They read settings and the file system only.
 * **Runtime** (``manage.py check --deploy`` only): Redis reachable, its
   ``maxmemory-policy`` and persistence, a worker heartbeat, unapplied
@@ -77,17 +78,34 @@ def check_queue_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMe
         except ImportError as exc:
             problems.append(Error(f"COATI_QUEUE['MIDDLEWARE'] entry {path!r} cannot be imported: "
                                   f"{exc}", id="coati_queue.E003"))
-    database = settings.DATABASES.get("default", {})
-    if database.get("ENGINE", "").endswith("sqlite3") and queue_settings.BACKEND != "immediate":
-        init = database.get("OPTIONS", {}).get("init_command", "")
-        if "journal_mode=wal" not in init.lower().replace(" ", ""):
-            problems.append(Warning(
-                "SQLite without WAL: worker threads writing task records will often hit "
-                "'database is locked'.",
-                hint="Add OPTIONS={'init_command': 'PRAGMA journal_mode=WAL;', "
-                     "'transaction_mode': 'IMMEDIATE', 'timeout': 30} to DATABASES['default'].",
-                id="coati_queue.W001"))
+    problems.extend(sqlite_messages(queue_settings))
     return problems
+
+
+def sqlite_messages(queue_settings: Any) -> list[CheckMessage]:
+    """W001 only where coati cannot fix SQLite itself: ``runworkers`` switches a file
+    database to WAL and gives its connections a busy timeout and IMMEDIATE transactions
+    (``coati_queue.sqlite``), so Django's default settings need nothing."""
+    from django.db import router
+
+    from .models import TaskResult
+    from .sqlite import unfixable_reason
+
+    alias = router.db_for_write(TaskResult) or "default"
+    database = settings.DATABASES.get(alias, {})
+    if not database.get("ENGINE", "").endswith("sqlite3") or queue_settings.BACKEND == "immediate":
+        return []
+    reason = unfixable_reason(database)
+    if reason is None:
+        return []
+    return [Warning(
+        f"SQLite database {alias!r} cannot be switched to WAL: {reason}. Worker processes "
+        "writing task records will often wait for, or fail on, 'database is locked'.",
+        hint="coati_queue switches a file database to WAL itself when runworkers starts, "
+             "unless OPTIONS['init_command'] sets another journal_mode (remove it, or set "
+             "'PRAGMA journal_mode=WAL;') or the database is in memory (use a file, or "
+             "PostgreSQL).",
+        id="coati_queue.W001")]
 
 
 def _built_huey_path() -> str | None:

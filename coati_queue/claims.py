@@ -35,10 +35,12 @@ from django.db import DatabaseError, IntegrityError, connections, router, transa
 from django.utils import timezone
 
 from .models import TaskResult, TaskStatus
+from .sqlite import is_locked, retry_locked
 
 logger = logging.getLogger("coati_queue.tracking")
 
-#: Retries of a claim write that hit a locked database, with the delays between them.
+#: Retries of a claim write the database refused for another reason than a lock (a lock
+#: is waited for by ``retry_locked``), with the delays between them.
 CLAIM_RETRY_DELAYS = (0.01, 0.05, 0.2, 0.5, 1.0)
 
 
@@ -72,12 +74,18 @@ def write_claim_group(group: list[ClaimRequest]) -> None:
     A row the database refuses (e.g. a batch id that does not exist) fails alone:
     the group is then written row by row, and only that request gets ``ClaimRefused``.
     """
+    # A second delivery of a task in the same group is a duplicate: it is not run (and
+    # PostgreSQL refuses an INSERT .. ON CONFLICT that touches a row twice).
+    firsts: dict[Any, ClaimRequest] = {}
+    for request in group:
+        firsts.setdefault(request.row["id"], request)
+    unique = list(firsts.values())
     try:
-        claimed = _write_with_retries(group)
-        for request in group:
+        claimed = _write_with_retries(unique)
+        for request in unique:
             request.lost_count = claimed.get(request.row["id"])
     except IntegrityError:
-        for request in group:
+        for request in unique:
             try:
                 request.lost_count = _write_with_retries([request]).get(request.row["id"])
             except IntegrityError as exc:
@@ -95,11 +103,12 @@ def write_claim_group(group: list[ClaimRequest]) -> None:
 def _write_with_retries(group: list[ClaimRequest]) -> dict[uuid.UUID, int]:
     for delay in (*CLAIM_RETRY_DELAYS, None):
         try:
-            return write_claims([request.row for request in group])
+            return retry_locked(write_claims, [request.row for request in group],
+                                what=f"Claiming {len(group)} task record(s)")
         except IntegrityError:
             raise
-        except DatabaseError:
-            if delay is None:
+        except DatabaseError as exc:
+            if delay is None or is_locked(exc):  # a lock was waited for already
                 raise
             logger.warning("Claiming %d task record(s) failed; retrying in %.2f s",
                            len(group), delay, exc_info=True)
@@ -115,6 +124,7 @@ def write_claims(rows: list[dict[str, Any]]) -> dict[uuid.UUID, int]:
         return _write_claims_portably(rows, using)
     quote = connection.ops.quote_name
     table = quote(TaskResult._meta.db_table)
+    rows = sorted(rows, key=lambda row: str(row["id"]))  # one lock order: no deadlock on PG
     fields = [TaskResult._meta.get_field(name) for name in rows[0]]  # tracking.record_from_job
     columns = ", ".join(quote(f.column) for f in fields)
     status, attempts, lost = quote("status"), quote("attempts"), quote("lost_count")
@@ -168,7 +178,9 @@ def _write_claims_portably(rows: list[dict[str, Any]], using: str) -> dict[uuid.
 def fail_lost(task_id: uuid.UUID, lost_count: int, failure_ttl: float) -> None:
     """A task whose workers died ``lost_count`` times ends failed, without running again."""
     now = timezone.now()
-    TaskResult.objects.filter(pk=task_id, status=TaskStatus.PROCESSING).update(
+    record = TaskResult.objects.filter(pk=task_id, status=TaskStatus.PROCESSING)
+    retry_locked(
+        record.update, what=f"Failing task record {task_id}",
         status=TaskStatus.FAILED, finished_at=now,
         error=f"Worker lost {lost_count} times while running this task "
               "(COATI_QUEUE['WORKER_LOST_LIMIT']); not run again.",

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from django.db import DatabaseError, connections
 
 from .core.exceptions import BackendUnavailable
+from .sqlite import retry_locked
 
 logger = logging.getLogger("coati_queue.worker")
 
@@ -75,8 +76,8 @@ def run_due_tasks(driver: Any, schedule: dict[str, float], settings: Any) -> Non
         if now < schedule[name]:
             continue
         schedule[name] = now + interval
-        try:
-            func(driver)
+        try:  # each task is safe to run again, so a whole pass is retried on a lock
+            retry_locked(func, driver, what=f"Maintenance task {name!r}")
         except (DatabaseError, BackendUnavailable) as exc:
             logger.warning("Maintenance task %r failed (tried again in %.0f s): %s", name,
                            interval, exc)

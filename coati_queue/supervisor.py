@@ -39,6 +39,7 @@ from typing import Any
 from django.db import connections
 
 from .core.exceptions import BackendUnavailable
+from .sqlite import prepare_worker_databases
 from .time_limits import (ChildFeed, ChildJob, DeferredWrites, give_back_records,
                           hard_limit_outcome, seconds)
 from .worker import SUPERVISOR_STOP, WorkerOptions, run_child
@@ -104,6 +105,9 @@ class Supervisor:
     def run(self) -> int:
         """Supervise until stopped (or, in burst mode, until the queues are empty);
         returns the exit status. Raises ``CrashLoop``."""
+        # Django's default SQLite settings are for one process: WAL for the file, and
+        # a busy timeout and IMMEDIATE transactions in the children (coati_queue.sqlite).
+        prepare_worker_databases()
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._on_signal)
         self.spawn_at = [time.monotonic()] * self.processes

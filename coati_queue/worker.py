@@ -43,6 +43,7 @@ from django.utils import timezone
 
 from .core.exceptions import BackendUnavailable
 from .models import WorkerHeartbeat
+from .sqlite import is_locked, retry_locked
 from .time_limits import StatusChannel, running_jobs
 
 logger = logging.getLogger("coati_queue.worker")
@@ -300,18 +301,24 @@ class WorkerProcess:
         current, running = running_jobs().snapshot()
         if stopped or current is None:
             current, running = None, 0
-        try:
-            WorkerHeartbeat.objects.update_or_create(worker_id=self.worker_id, defaults={
-                "hostname": socket.gethostname(), "pid": os.getpid(),
-                "backend": self.driver.name, "queues": self.queues, "threads": self.threads,
-                "last_seen": now, "processed": processed, "failed": failed,
-                "stopped_at": now if stopped else None,
-                "current_task_id": current.job_id if current else None,
-                "current_task_name": current.task[:200] if current else "",
-                "current_task_started_at": current.started_at if current else None,
-                "running_tasks": running,
-            })
-        except DatabaseError:
-            logger.exception("Could not write the heartbeat of %s", self.worker_id)
+        fields = {
+            "hostname": socket.gethostname(), "pid": os.getpid(),
+            "backend": self.driver.name, "queues": self.queues, "threads": self.threads,
+            "last_seen": now, "processed": processed, "failed": failed,
+            "stopped_at": now if stopped else None,
+            "current_task_id": current.job_id if current else None,
+            "current_task_name": current.task[:200] if current else "",
+            "current_task_started_at": current.started_at if current else None,
+            "running_tasks": running,
+        }
+        try:  # retried while SQLite is locked, but not past the next beat
+            retry_locked(WorkerHeartbeat.objects.update_or_create, worker_id=self.worker_id,
+                         defaults=fields, what=f"The heartbeat of {self.worker_id}",
+                         patience=self.driver.settings.HEARTBEAT_INTERVAL)
+        except DatabaseError as exc:
+            if is_locked(exc):
+                logger.warning("Could not write the heartbeat of %s: %s", self.worker_id, exc)
+            else:
+                logger.exception("Could not write the heartbeat of %s", self.worker_id)
         finally:
             connections.close_all()

@@ -12,12 +12,12 @@ import datetime
 import json
 from typing import Any
 
-from django.utils import timezone
 from django.utils.formats import date_format, number_format
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext, gettext_lazy as _
 
+from .. import clock
 from ..models import BatchStatus
 
 EMPTY = "-"  # the admin's own empty_value_display
@@ -59,7 +59,7 @@ def short_datetime(value: datetime.datetime | None) -> SafeString | str:
     if value is None:
         return EMPTY
     return format_html('<span class="coati-nowrap">{}</span>',
-                       date_format(timezone.localtime(value), "SHORT_DATETIME_FORMAT"))
+                       date_format(clock.local(value), "SHORT_DATETIME_FORMAT"))
 
 
 def progress_bar(progress: dict[str, Any]) -> SafeString:
