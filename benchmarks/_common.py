@@ -83,10 +83,15 @@ class RedisServer:
 
 
 # -- Django in the harness ------------------------------------------------------------------
-def setup_django(db_path: Path) -> None:
-    """Point the benchmark settings at ``db_path``, set Django up and migrate."""
+def setup_django(db_path: Path, database_url: str | None = None) -> None:
+    """Point the benchmark settings at ``db_path`` (SQLite) or ``database_url``
+    (PostgreSQL), set Django up and migrate."""
     os.environ["DJANGO_SETTINGS_MODULE"] = SETTINGS
     os.environ["COATI_BENCH_DB"] = str(db_path)
+    if database_url:
+        os.environ["COATI_BENCH_DATABASE_URL"] = database_url
+    else:
+        os.environ.pop("COATI_BENCH_DATABASE_URL", None)
     for name in ("REDIS_URL", "COATI_QUEUE_PATH", "QUEUE_ENABLED", "COATI_QUEUE_BACKEND"):
         os.environ.pop(name, None)
     import django
@@ -123,8 +128,24 @@ def raw_sql(sql: str, params: Iterable[Any] = ()) -> None:
 
 
 def checkpoint() -> None:
-    """Fold the WAL back into the database between phases (not timed)."""
-    raw_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    """Between phases (not timed): SQLite folds its WAL back into the database file,
+    PostgreSQL refreshes its planner statistics after the bulk writes."""
+    from django.db import connection
+
+    raw_sql("PRAGMA wal_checkpoint(TRUNCATE)" if connection.vendor == "sqlite" else "ANALYZE")
+
+
+def database_label() -> str:
+    """The benchmark's database as its report names it (``SQLite WAL``, ``PostgreSQL 15.18``)."""
+    from django.db import connection
+
+    if connection.vendor == "sqlite":
+        return "SQLite WAL"
+    connection.ensure_connection()
+    version = connection.pg_version if connection.vendor == "postgresql" else ""
+    if version:
+        return f"PostgreSQL {version // 10000}.{version % 10000}"
+    return connection.display_name
 
 
 # -- processes ------------------------------------------------------------------------------
@@ -265,7 +286,8 @@ def machine() -> dict[str, Any]:
     return {"python": platform.python_version(), "django": django.__version__,
             "dramatiq": dramatiq.__version__, "huey": huey.__version__,
             "redis_py": redis.__version__, "redis_server": redis_version,
-            "sqlite": sqlite_version, "cpus": os.cpu_count(), "cpu": cpu,
+            "sqlite": sqlite_version, "database": database_label(),
+            "cpus": os.cpu_count(), "cpu": cpu,
             "platform": platform.platform()}
 
 
@@ -310,8 +332,9 @@ def _system_busy() -> tuple[float, float, float]:
     return busy / TICK, steal / TICK, (busy + idle + iowait + steal) / TICK
 
 
-def _live_descendants_cpu() -> float:
-    """CPU seconds of our live descendants (own + their reaped children), from /proc."""
+def _live_descendants_cpu(also: Iterable[int] = ()) -> float:
+    """CPU seconds of our live descendants (own + their reaped children), from /proc,
+    and of the processes ``also`` names with theirs (a daemonized database server)."""
     parents: dict[int, int] = {}
     cpu: dict[int, float] = {}
     for entry in os.scandir("/proc"):
@@ -324,13 +347,16 @@ def _live_descendants_cpu() -> float:
         pid = int(entry.name)
         parents[pid] = int(parts[1])
         cpu[pid] = sum(int(x) for x in parts[11:15]) / TICK  # utime stime cutime cstime
-    me = os.getpid()
-    total = 0.0
+    roots = {os.getpid()}
+    total = sum(cpu.get(pid, 0.0) for pid in set(also))
+    roots.update(also)
     for pid in cpu:
+        if pid in roots:
+            continue
         ancestor, hops = parents.get(pid), 0
-        while ancestor and ancestor != me and hops < 64:
+        while ancestor and ancestor not in roots and hops < 64:
             ancestor, hops = parents.get(ancestor), hops + 1
-        if ancestor == me:
+        if ancestor in roots:
             total += cpu[pid]
     return total
 
@@ -339,16 +365,20 @@ class CpuMonitor:
     """How much CPU processes other than ours burned during a phase.
 
     Ours = this process, every child it has waited for (``os.times``) and every
-    live descendant (workers, redis-server) read from /proc. On a shared
-    machine, a phase with a high ``foreign_pct`` is not a clean measurement;
-    it is reported next to it.
+    live descendant (workers, redis-server) read from /proc, plus the process
+    trees of ``also`` (the throw-away PostgreSQL server, which ``pg_ctl``
+    detaches). On a shared machine, a phase with a high ``foreign_pct`` is not
+    a clean measurement; it is reported next to it.
     """
+
+    def __init__(self, also: Iterable[int] = ()):
+        self.also = list(also)
 
     def snapshot(self) -> dict[str, float]:
         busy, steal, total = _system_busy()
         t = os.times()
         ours = t.user + t.system + t.children_user + t.children_system
-        ours += _live_descendants_cpu()
+        ours += _live_descendants_cpu(self.also)
         return {"busy": busy, "steal": steal, "total": total, "ours": ours,
                 "wall": time.monotonic()}
 

@@ -5,14 +5,17 @@ Usage (from the repository root, nothing else heavy running; ~2-3 minutes)::
     .venv/bin/python benchmarks/payroll.py                     # 1,000 and 10,000 employees
     .venv/bin/python benchmarks/payroll.py --sizes 1000 --skip-raw
     .venv/bin/python benchmarks/payroll.py --backends dramatiq --variants sync,bulk
+    .venv/bin/python benchmarks/payroll.py --db postgres        # a throw-away PostgreSQL
 
 Setup: a fresh temporary SQLite file (WAL, the project's options, through
-``benchmarks/bench_settings.py``), a dedicated ``redis-server`` on a free port
-(stopped at the end), and ``seed_demo`` planillas ``bench_<size>`` of ``<size>``
-employees (seed 42) plus a 50-employee ``bench_warm`` planilla for warm-ups. The
-period is 2024-01-01..2024-01-15 (biweekly); a batch pays the employees
-``active_employee_ids`` returns for it (a little under ``<size>``: inactive
-employees and those not employed in the period are not paid).
+``benchmarks/bench_settings.py``; with ``--db postgres`` a throw-away PostgreSQL
+cluster from ``tests/pg_cluster.py``, fsync off, or ``--database-url``), a
+dedicated ``redis-server`` on a free port (stopped at the end), and ``seed_demo``
+planillas ``bench_<size>`` of ``<size>`` employees (seed 42) plus a 50-employee
+``bench_warm`` planilla for warm-ups. The period is 2024-01-01..2024-01-15
+(biweekly); a batch pays the employees ``active_employee_ids`` returns for it (a
+little under ``<size>``: inactive employees and those not employed in the period
+are not paid).
 
 Variants, for each size, each on fresh lines (a new batch, or standalone lines
 deleted beforehand, not timed):
@@ -54,7 +57,8 @@ if sys.path and Path(sys.path[0]).resolve() == HERE:
 elif str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
-from benchmarks._common import (BIN, CpuMonitor, RedisServer, checkpoint, fmt, log,  # noqa: E402
+from benchmarks._common import (BIN, CpuMonitor, RedisServer, checkpoint,  # noqa: E402
+                                database_label, fmt, log,
                                 ratio, raw_sql, runworkers_command, setup_django,
                                 publish, remove_workdir, spawn, stop, table, use_backend,
                                 wait_for)
@@ -340,7 +344,8 @@ def report(results: dict[str, dict[int, dict]], sizes: list[int]) -> tuple[str, 
         lines.append(f"{a} / {b} (wall time; <1: {a} is faster): " + ", ".join(parts))
     employees = {size: next((r[size]["employees"] for r in results.values() if size in r), None)
                  for size in sizes}
-    title = (f"Payroll batch, period {START}..{END}, SQLite WAL, workers 2 processes x 8 threads"
+    title = (f"Payroll batch, period {START}..{END}, {database_label()}, "
+             f"workers 2 processes x 8 threads"
              f" ('!' = unfinished or lines missing; 'others %' = CPU share used by processes not"
              f" ours). Employees paid: "
              + ", ".join(f"{e:,} of {s:,} seeded" for s, e in employees.items() if e))
@@ -368,7 +373,15 @@ def main() -> int:
                              "the machine to quiet down (0: do not wait)")
     parser.add_argument("--json", default="payroll.json", help="file name under benchmarks/results/")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite",
+                        help="a fresh SQLite file (default) or PostgreSQL: a throw-away "
+                             "cluster (tests/pg_cluster.py), or --database-url")
+    parser.add_argument("--database-url", default="",
+                        help="with --db postgres: this (empty) database instead of a "
+                             "throw-away cluster; its tables are created and filled")
     args = parser.parse_args()
+    if args.database_url and args.db != "postgres":
+        parser.error("--database-url needs --db postgres")
     sizes = [int(x) for x in args.sizes.split(",") if x]
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
@@ -383,12 +396,19 @@ def main() -> int:
     redis = RedisServer(workdir / "redis")
     results: dict[str, dict[int, dict]] = {}
     began = time.time()
+    cluster = None
     try:
+        database_url = args.database_url or None
+        if args.db == "postgres" and not database_url:
+            from tests.pg_cluster import start_cluster
+
+            cluster = start_cluster(database="coati_bench")
+            database_url = cluster.url
         redis.start()
-        args.monitor = CpuMonitor()
+        args.monitor = CpuMonitor(also=[cluster.server_pid()] if cluster else [])
         os.environ["BENCH_REDIS_URL"] = redis.url
         os.environ["BENCH_FILEHUEY_PATH"] = str(workdir / "filehuey")
-        setup_django(workdir / "bench.sqlite3")
+        setup_django(workdir / "bench.sqlite3", database_url)
         seed(sizes)
         checkpoint()
         log(f"work dir {workdir}, redis {redis.url}, seeded {', '.join(map(str, sizes))}")
@@ -401,13 +421,18 @@ def main() -> int:
                 results[name] = bench_sync(sizes, args)
             elif name == "bulk":
                 results[name] = bench_bulk(sizes, args)
+        text, ratios = report(results, sizes)
+        publish("payroll", args, began, text, ratios,
+                {name: {str(k): v for k, v in r.items()} for name, r in results.items()},
+                period=[START, END])
     finally:
         redis.stop()
         remove_workdir(workdir, args.keep)
-    text, ratios = report(results, sizes)
-    publish("payroll", args, began, text, ratios,
-            {name: {str(k): v for k, v in r.items()} for name, r in results.items()},
-            period=[START, END])
+        if cluster is not None:
+            from django.db import connections
+
+            connections.close_all()
+            cluster.stop()
     return 0
 
 

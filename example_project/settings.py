@@ -8,6 +8,8 @@ settings. coati_queue reads its own environment variables (``REDIS_URL``,
 import os
 from pathlib import Path
 
+from example_project.database import database_settings
+
 # The repository root: manage.py lives here, the project package below it.
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -62,19 +64,13 @@ TEMPLATES = [
     },
 ]
 
-# SQLite tuned for several worker processes writing at once: WAL lets readers
-# proceed during writes, IMMEDIATE takes the write lock at BEGIN (no deadlock
-# on lock upgrade) and the 30 s timeout waits for the lock instead of failing.
+# DATABASE_URL (dj-database-url syntax: postgres://user:password@host:5432/name) picks
+# the database; without it, the demo's SQLite file (DJANGO_DB_PATH to move it) with
+# the options of example_project/database.py (WAL, IMMEDIATE, a 30 s lock timeout).
 DATABASES = {
-    "default": {
-        "ENGINE": "django.db.backends.sqlite3",
-        "NAME": os.environ.get("DJANGO_DB_PATH") or BASE_DIR / "example_project" / "db.sqlite3",
-        "OPTIONS": {
-            "timeout": 30,
-            "transaction_mode": "IMMEDIATE",
-            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
-        },
-    }
+    "default": database_settings(
+        os.environ.get("DATABASE_URL"),
+        os.environ.get("DJANGO_DB_PATH") or BASE_DIR / "example_project" / "db.sqlite3"),
 }
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

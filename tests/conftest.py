@@ -38,6 +38,58 @@ def reset_queue() -> None:
     reset_drivers()
 
 
+# -- the database --------------------------------------------------------------------------
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    """COATI_TEST_DATABASE=postgres on a machine without PostgreSQL (outside CI, where
+    tests/settings.py fails instead): every test skips, saying why."""
+    from django.conf import settings
+
+    reason = getattr(settings, "POSTGRES_UNAVAILABLE", "")
+    if reason:
+        for item in items:
+            item.add_marker(pytest.mark.skip(reason=f"COATI_TEST_DATABASE=postgres: {reason}"))
+
+
+def on_postgresql() -> bool:
+    from django.db import connection
+
+    return connection.vendor == "postgresql"
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> Any:
+    """pytest-django's test database; on PostgreSQL, before it is dropped, the sessions
+    other threads of this process still hold (coati's tracking writer keeps one open)
+    are ended: DROP DATABASE refuses while anyone is connected."""
+    yield
+    from django.db import connection
+
+    if connection.vendor == "postgresql":
+        with django_db_blocker.unblock(), connection.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+
+
+@pytest.fixture
+def scratch_database(tmp_path: Path) -> Any:
+    """An empty database beside the test database, for a subprocess given it as
+    ``COATI_TEST_DB``: a file path on SQLite (not created), a new database on
+    PostgreSQL (created empty, dropped afterwards)."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        yield str(tmp_path / "scratch.sqlite3")
+        return
+    name = f"coati_scratch_{secrets.token_hex(6)}"
+    with connection._nodb_cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        with connection._nodb_cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 # -- redis ---------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -178,7 +230,11 @@ def queue_env(monkeypatch) -> Callable[..., None]:
 
 # -- real workers --------------------------------------------------------------------------
 def worker_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a worker subprocess: ours, the test settings and the test DB."""
+    """The environment of a worker subprocess: ours, the test settings and the test DB.
+
+    ``DATABASE_URL`` (PostgreSQL runs) is inherited; ``COATI_TEST_DB`` names the test
+    database (a file on SQLite, ``test_<name>`` on a server) the worker must open.
+    """
     from django.conf import settings
 
     merged = dict(os.environ)

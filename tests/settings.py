@@ -1,4 +1,5 @@
-"""Settings for the test suite: the example project's apps on a file SQLite database.
+"""Settings for the test suite: the example project's apps on a file SQLite database
+(or on PostgreSQL with ``COATI_TEST_DATABASE=postgres``, see DATABASES below).
 
 A file (not :memory:) database, so worker subprocesses started by the tests
 see what the test process wrote.
@@ -9,6 +10,9 @@ import os
 import tempfile
 
 import django
+from django.core.exceptions import ImproperlyConfigured
+
+from example_project.database import database_settings
 
 BASE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET_KEY = "coati-queue-tests"
@@ -49,21 +53,37 @@ TEMPLATES = [{
     ]},
 }]
 STATIC_URL = "/static/"
-# One database file per test session; exported so worker subprocesses use it too.
-DB_PATH = os.environ.setdefault(
-    "COATI_TEST_DB", os.path.join(tempfile.gettempdir(), f"coati_test_{os.getpid()}.sqlite3"))
-DATABASES = {
-    "default": {
-        "ENGINE": "django.db.backends.sqlite3",
-        "NAME": DB_PATH,
-        "TEST": {"NAME": DB_PATH},
-        "OPTIONS": {
-            "timeout": 30,
-            "transaction_mode": "IMMEDIATE",
-            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
-        },
-    }
-}
+# The database: DATABASE_URL (dj-database-url) when set, else one SQLite file per test
+# session. COATI_TEST_DATABASE=postgres without a DATABASE_URL starts a throw-away
+# PostgreSQL cluster for this process (tests/pg_cluster.py) and exports its URL.
+# Worker subprocesses inherit DATABASE_URL and get the test database's name in
+# COATI_TEST_DB (tests/conftest.py worker_env), so they use the test process's data.
+TEST_DATABASE = os.environ.get("COATI_TEST_DATABASE", "sqlite").strip().lower() or "sqlite"
+if TEST_DATABASE not in ("sqlite", "postgres"):
+    raise ImproperlyConfigured(f"COATI_TEST_DATABASE={TEST_DATABASE!r}: use sqlite or postgres")
+POSTGRES_UNAVAILABLE = ""  # why the PostgreSQL run cannot happen here (tests skip, not in CI)
+if TEST_DATABASE == "postgres" and not os.environ.get("DATABASE_URL"):
+    from tests.pg_cluster import PostgresUnavailable, session_database_url
+
+    try:
+        session_database_url()
+    except PostgresUnavailable as error:
+        if os.environ.get("CI") == "true":
+            raise ImproperlyConfigured(f"COATI_TEST_DATABASE=postgres: {error}") from error
+        POSTGRES_UNAVAILABLE = str(error)
+DATABASE_URL = "" if POSTGRES_UNAVAILABLE else os.environ.get("DATABASE_URL", "")
+if DATABASE_URL:
+    DATABASES = {"default": database_settings(DATABASE_URL, "")}
+    if os.environ.get("COATI_TEST_DB"):  # a worker subprocess: the test database itself
+        DATABASES["default"]["NAME"] = os.environ["COATI_TEST_DB"]
+else:
+    DATABASES = {"default": database_settings(None, os.environ.setdefault(
+        "COATI_TEST_DB",
+        os.path.join(tempfile.gettempdir(), f"coati_test_{os.getpid()}.sqlite3")))}
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # A file the workers open too, not Django's in-memory test database. (On a server
+    # Django creates test_<NAME>, so a DATABASE_URL naming real data is never dropped.)
+    DATABASES["default"]["TEST"] = {"NAME": DATABASES["default"]["NAME"]}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 COATI_QUEUE = {
     "PAYROLL": {

@@ -120,6 +120,22 @@ def test_a_claim_of_a_missing_record_creates_it_and_a_poisoned_row_spares_the_ot
     assert not TaskResult.objects.filter(pk=bad.id).exists()
 
 
+@pytest.mark.django_db(transaction=True)
+def test_two_deliveries_of_one_task_in_one_claim_group_run_it_once():
+    """Two worker threads claiming the same task at once (a redelivery racing the relay's
+    re-send): one runs it, the other drops its copy, and nothing counts as lost. (On
+    PostgreSQL one upsert may not touch a row twice: the group must still go through.)"""
+    job, other = Job(task="tests.add", args=[1, 2]), Job(task="tests.add")
+    TaskResult.objects.create(id=job.id, task_name=job.task, backend="huey")
+    group = [ClaimRequest(claim_row(job)), ClaimRequest(claim_row(other)),
+             ClaimRequest(claim_row(job, "w2"))]
+    write_claim_group(group)
+    assert [request.outcome() for request in group] == [0, 0, None]
+    record = TaskResult.objects.get(pk=job.id)
+    assert (record.status, record.worker_id, record.lost_count) == ("processing", "w1", 0)
+    assert TaskResult.objects.filter(pk=other.id, status="processing").exists()
+
+
 # -- the outbox ------------------------------------------------------------------------------
 def dead_redis_url(live_url: str) -> str:
     """A URL with the session server's password and a port where nothing listens."""

@@ -10,6 +10,7 @@ import time
 
 import dramatiq
 import pytest
+from django.db import connection
 
 from coati_queue.core.jobs import Job
 from coati_queue.models import DeadLetter, TaskResult, WorkerHeartbeat
@@ -211,5 +212,5 @@ def test_huey_messages_on_disk_are_json_envelopes(queue_env, huey_path, run_work
     completed = run_workers("huey")
     assert completed.returncode == 0, describe_failure(completed)
     # The worker subprocess wrote to the test process's database.
-    assert driver.get_task_result(task_id)["result"] == "sqlite"
+    assert driver.get_task_result(task_id)["result"] == connection.vendor
     assert not os.listdir(os.path.join(huey_path, "queue"))

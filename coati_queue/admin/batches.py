@@ -49,7 +49,8 @@ def error_kind() -> Func:
     padded: Func = Concat(Value(" "), F("error"), Value(" "), output_field=TextField())
     employee = Cast("employee_id", TextField())
     for before, after in ID_DELIMITERS:
-        padded = Replace(padded, Concat(Value(before), employee, Value(after)),
+        padded = Replace(padded, Concat(Value(before), employee, Value(after),
+                                        output_field=TextField()),
                          Value(f"{before}{EMPLOYEE_PLACEHOLDER}{after}"),
                          output_field=TextField())
     return Trim(padded)
