@@ -25,6 +25,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext, ngettext, pgettext_lazy
 
+from . import clock
 from .conf import get_settings
 from .core.exceptions import CoatiQueueError
 from .models import ACTIVE_BATCH_STATES, TaskResult, TaskStatus
@@ -105,7 +106,7 @@ def throughput_svg(minutes: list[Minute]) -> SafeString:
         ok_h = round(minute.completed / peak * plot_h, 2)
         fail_h = round(minute.failed / peak * plot_h, 2)
         label = gettext("%(time)s: %(completed)s completed, %(failed)s failed") % {
-            "time": date_format(timezone.localtime(minute.start), "H:i"),
+            "time": date_format(clock.local(minute.start), "H:i"),
             "completed": minute.completed, "failed": minute.failed}
         bars.append((label, x, top, step, plot_h, x + 1, top + plot_h - ok_h, step - 2, ok_h,
                      x + 1, top + plot_h - ok_h - fail_h, step - 2, fail_h))
@@ -139,7 +140,7 @@ def throughput_svg(minutes: list[Minute]) -> SafeString:
 
 def _stats_without_broker(settings: Any, driver: Any = None) -> dict[str, Any]:
     """Counts and workers from the database when the broker cannot be asked."""
-    from .stats import dead_letter_counts, task_counts_by_queue, worker_rows
+    from .stats import dead_letter_counts, host_rows, task_counts_by_queue, worker_rows
 
     counts = task_counts_by_queue()
     workers = worker_rows(settings.WORKER_LOST_AFTER)
@@ -151,7 +152,7 @@ def _stats_without_broker(settings: Any, driver: Any = None) -> dict[str, Any]:
               for name in settings.QUEUES}
     about = {"backend": driver.name, "reason": driver.reason, "location": driver.describe()} \
         if driver is not None else {"backend": "", "reason": "", "location": ""}
-    return {**about, "queues": queues, "workers": workers,
+    return {**about, "queues": queues, "workers": workers, "hosts": host_rows(workers),
             "dead_letters": dead_letter_counts(), "degraded": []}
 
 

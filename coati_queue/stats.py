@@ -76,6 +76,22 @@ def worker_rows(lost_after: float, now=None) -> list[dict[str, Any]]:
     } for beat in heartbeats]
 
 
+def host_rows(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Workers per machine: ``{"hostname", "alive", "lost", "running_tasks"}`` for each
+    host with a worker listed, so several hosts on one Redis read at a glance."""
+    hosts: dict[str, dict[str, Any]] = {}
+    for worker in workers:
+        host = hosts.setdefault(worker["hostname"], {"hostname": worker["hostname"],
+                                                     "alive": 0, "lost": 0,
+                                                     "running_tasks": 0})
+        if worker["alive"]:
+            host["alive"] += 1
+            host["running_tasks"] += worker.get("running_tasks") or 0
+        else:
+            host["lost"] += 1
+    return sorted(hosts.values(), key=lambda host: host["hostname"])
+
+
 def current_task(beat: WorkerHeartbeat, now=None) -> dict[str, Any] | None:
     """``{"id", "name", "started_at", "running_seconds"}`` of the worker's longest-running
     task, or None when it runs none."""
@@ -119,6 +135,7 @@ def collect_stats(driver: Any) -> dict[str, Any]:
         "location": driver.describe(),
         "queues": queues,
         "workers": workers,
+        "hosts": host_rows(workers),
         "dead_letters": dead_letter_counts(),
         "degraded": degraded_state(driver, counts),
     }

@@ -81,8 +81,8 @@ def test_json_output_has_the_documented_shape_and_counts(stats_backend):
     name, driver, secret = stats_backend
     populate(driver)
     data = json.loads(queuestats("--json"))
-    assert set(data) == {"backend", "reason", "location", "queues", "workers", "dead_letters",
-                         "degraded", "findings"}
+    assert set(data) == {"backend", "reason", "location", "queues", "workers", "hosts",
+                         "dead_letters", "degraded", "findings"}
     assert data["backend"] == name
     assert data["reason"] == driver.reason
     assert data["location"] == driver.describe()
@@ -95,6 +95,8 @@ def test_json_output_has_the_documented_shape_and_counts(stats_backend):
     assert workers["host:2:lost"]["alive"] is False
     assert workers["host:1:live"]["queues"] == ["high", "default"]
     assert datetime.datetime.fromisoformat(workers["host:1:live"]["last_seen"])
+    # Workers per machine, for several hosts on one Redis.
+    assert data["hosts"] == [{"hostname": "host", "alive": 1, "lost": 1, "running_tasks": 0}]
     if secret:
         assert "***" in data["location"]
 

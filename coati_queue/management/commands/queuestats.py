@@ -123,6 +123,9 @@ class Command(BaseCommand):
         lines.append(self.dead_letter_line(stats.get("dead_letters")))
         if not stats["workers"]:
             lines.append("No workers running.")
+        for host in stats.get("hosts", []):
+            lines.append(f"Host {host['hostname']}: {host['alive']} worker(s) alive, "
+                         f"{host['lost']} lost, {host['running_tasks']} task(s) running")
         for worker in stats["workers"]:
             state = "alive" if worker["alive"] else "LOST: no heartbeat"
             lines.append(f"Worker {worker['worker_id']} pid {worker['pid']} on "
