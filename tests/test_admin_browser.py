@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import pytest
 from django.core.management import call_command
@@ -128,7 +129,9 @@ def log_in(driver: Any, base: str, username: str, password: str, next_url: str) 
     driver.find_element(By.NAME, "username").send_keys(username)
     driver.find_element(By.NAME, "password").send_keys(password)
     driver.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
-    wait_until(lambda: next_url in driver.current_url, 30, "the page after login")
+    # The login page's own URL holds next_url (?next=...): wait for the path itself.
+    wait_until(lambda: urlsplit(driver.current_url).path == next_url, 30,
+               "the page after login")
 
 
 def test_live_batch_page_retry_and_overview(browser: Any, live_server: Any, queue_env: Any,
