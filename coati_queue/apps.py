@@ -14,8 +14,14 @@ class CoatiQueueConfig(AppConfig):
         from django.utils.module_loading import autodiscover_modules
 
         from . import checks  # noqa: F401  (registers system checks)
+        from .core import ports
         from .redis_url import hide_redis_url_on_error_pages
-        from .selection import reset_on_setting_changed
+        from .selection import get_queue_driver, reset_on_setting_changed
+        from .time_limits import running_jobs
+
+        # The core calls up through its ports instead of importing the layers above it.
+        ports.set_sender(get_queue_driver)
+        ports.set_job_runner(running_jobs)
 
         hide_redis_url_on_error_pages()  # DEBUG pages show REDIS_URL as stars
 

@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from django.core.exceptions import ImproperlyConfigured
+
 from .conf import QueueSettings, get_settings, reset_settings
 from .core.exceptions import BackendUnavailable, StorageUnavailable
 from .redis_url import error_text, mask_redis_url, secret_url
@@ -24,6 +26,15 @@ if TYPE_CHECKING:
     from .backends.base import QueueDriver
 
 logger = logging.getLogger("coati_queue")
+
+
+class BackendNotConfigured(BackendUnavailable, ImproperlyConfigured):
+    """No backend can be chosen from these settings: a ``BackendUnavailable`` that is
+    also Django's ``ImproperlyConfigured`` (the core's errors cannot subclass Django's)."""
+
+
+class StorageNotConfigured(StorageUnavailable, ImproperlyConfigured):
+    """No safe directory for Huey's storage: a settings problem, as above."""
 
 SYSTEM_PATH = "/var/lib/coati/queue"
 USER_PATH = "~/.local/share/coati-queue/queue"
@@ -285,7 +296,7 @@ def verify_huey_directory(path: str) -> None:
     if problem is None and not os.path.isdir(path):
         problem = DirectoryProblem("it does not exist (any more)")
     if problem is not None:
-        raise StorageUnavailable(f"Refused Huey storage directory {path}: {problem.reason}")
+        raise StorageNotConfigured(f"Refused Huey storage directory {path}: {problem.reason}")
 
 
 def resolve_huey_path(settings: QueueSettings) -> str:
@@ -297,14 +308,14 @@ def resolve_huey_path(settings: QueueSettings) -> str:
                                "on reboot. Set COATI_QUEUE_PATH to a persistent directory.", path)
             return path
         logger.error("Refused Huey storage directory %s (%s): %s", path, label, problem)
-    raise StorageUnavailable("No usable directory for Huey's file storage; set COATI_QUEUE_PATH "
+    raise StorageNotConfigured("No usable directory for Huey's file storage; set COATI_QUEUE_PATH "
                              "to a directory this user owns and can write.")
 
 
 def choose_backend(settings: QueueSettings, force_backend: str | None = None) -> Selection:
     """Decide the backend: forced, then QUEUE_ENABLED, then BACKEND (auto probes Redis)."""
     if force_backend is not None and force_backend not in FORCEABLE:
-        raise BackendUnavailable(
+        raise BackendNotConfigured(
             f"force_backend={force_backend!r}; choose one of {', '.join(FORCEABLE)}.")
     wanted = force_backend or settings.BACKEND
     if force_backend is None and not settings.ENABLED:
@@ -314,7 +325,7 @@ def choose_backend(settings: QueueSettings, force_backend: str | None = None) ->
     url = secret_url(settings.REDIS_URL)  # a masked repr in tracebacks' local variables
     if wanted == "dramatiq":
         if not url:
-            raise BackendUnavailable("The Dramatiq backend needs a Redis URL: set REDIS_URL or "
+            raise BackendNotConfigured("The Dramatiq backend needs a Redis URL: set REDIS_URL or "
                                      "COATI_QUEUE['REDIS_URL'].")
         how = "forced" if force_backend else "BACKEND='dramatiq'"
         return Selection("dramatiq", f"{how}, Redis at {mask_redis_url(url)}", redis_url=url)

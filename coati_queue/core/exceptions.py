@@ -1,11 +1,15 @@
-"""One error tree; each message says what was wrong and how to fix it."""
+"""One error tree; each message says what was wrong and how to fix it.
+
+Pure Python like the rest of the core: no error here subclasses Django's. The
+Django layer adds that where it belongs (``coati_queue.selection`` raises
+``BackendUnavailable`` subclasses that are also ``ImproperlyConfigured`` for
+settings problems; a broker outage is not a configuration error).
+"""
 
 from __future__ import annotations
 
 import difflib
 from typing import Iterable
-
-from django.core.exceptions import ImproperlyConfigured
 
 
 class CoatiQueueError(Exception):
@@ -40,7 +44,7 @@ class SkipJob(CoatiQueueError):
     failure (the task already ran or is running elsewhere, or was failed for good)."""
 
 
-class BackendUnavailable(CoatiQueueError, ImproperlyConfigured):
+class BackendUnavailable(CoatiQueueError):
     """The configured backend cannot be reached or built."""
 
 

@@ -10,20 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import traceback as traceback_module
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .exceptions import InvalidJob, Retry, SkipJob, TaskNotRegistered, TimeLimitExceeded
 from .jobs import Job, NotJSONSerializable, ensure_json
 from .middleware import current_job
+from .ports import Driver, get_job_runner
 from .tasks import Task, registry
-
-if TYPE_CHECKING:
-    from coati_queue.backends.base import QueueDriver
 
 logger = logging.getLogger("coati_queue.worker")
 
 
-def execute(driver: "QueueDriver", raw: Any) -> None:
+def execute(driver: Driver, raw: Any) -> None:
     """Run one message end to end; every outcome goes through the middleware."""
     try:
         job = raw if isinstance(raw, Job) else decode_message(raw, driver.settings)
@@ -57,12 +55,12 @@ def decode_message(raw: Any, settings: Any) -> Job:
     return job
 
 
-def _dead_letter(driver: "QueueDriver", raw: Any, exc: InvalidJob) -> None:
+def _dead_letter(driver: Driver, raw: Any, exc: InvalidJob) -> None:
     logger.error("Dead letter: %s", exc)
     driver.middleware.after("after_invalid_message", driver, raw, exc)
 
 
-def _run(driver: "QueueDriver", job: Job) -> None:
+def _run(driver: Driver, job: Job) -> None:
     try:
         task = registry.get(job.task)
     except TaskNotRegistered as unknown:
@@ -94,7 +92,7 @@ def _run(driver: "QueueDriver", job: Job) -> None:
         driver.middleware.after("after_execute", driver, job, result=result)
 
 
-def _call(driver: "QueueDriver", task: Task[..., Any],
+def _call(driver: Driver, task: Task[..., Any],
           job: Job) -> tuple[Any, BaseException | None]:
     """``(result, None)`` or ``(None, what the task raised)``, within the job's limits.
 
@@ -104,10 +102,8 @@ def _call(driver: "QueueDriver", task: Task[..., Any],
     """
     if driver.runs_in_caller:
         return _invoke(task, job)
-    from ..time_limits import running_jobs
-
     try:
-        outcome: tuple[Any, BaseException | None] = running_jobs().run(
+        outcome: tuple[Any, BaseException | None] = get_job_runner().run(
             job, lambda: _invoke(task, job))
         return outcome
     except TimeLimitExceeded as exc:

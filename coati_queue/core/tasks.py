@@ -13,6 +13,7 @@ from typing import (Any, Callable, Generic, Iterable, Mapping, ParamSpec, Protoc
                     overload)
 
 from .exceptions import TaskAlreadyRegistered, TaskNotRegistered
+from .ports import get_sender
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -83,20 +84,16 @@ class Task(Generic[P, R]):
         ``args``/``kwargs`` are not checked against the function by a type checker
         (a ParamSpec cannot be split into a tuple and a dict); ``send`` is.
         """
-        from coati_queue.selection import get_queue_driver
-
-        return get_queue_driver().enqueue_task(self, list(args), dict(kwargs or {}), delay=delay,
-                                               queue=queue, on_commit=on_commit,
-                                               batch_id=batch_id, task_id=task_id)
+        return get_sender().enqueue_task(self, list(args), dict(kwargs or {}), delay=delay,
+                                         queue=queue, on_commit=on_commit,
+                                         batch_id=batch_id, task_id=task_id)
 
     def send_many(self, calls: Iterable[TaskCall], *,
                   queue: str | None = None, delay: float | None = None,
                   on_commit: bool | None = None, batch_id: int | None = None) -> list[str]:
         """Enqueue many calls as one bulk write; ``calls`` yields ``(args, kwargs)``."""
-        from coati_queue.selection import get_queue_driver
-
-        return get_queue_driver().enqueue_many(self, calls, queue=queue, delay=delay,
-                                               on_commit=on_commit, batch_id=batch_id)
+        return get_sender().enqueue_many(self, calls, queue=queue, delay=delay,
+                                         on_commit=on_commit, batch_id=batch_id)
 
 
 class TaskRegistry:
