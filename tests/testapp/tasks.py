@@ -173,10 +173,11 @@ def limits_soft_retried(label):
         time.sleep(0.01)
 
 
-@coati_queue.task(name="tests.limits_ignores_soft", soft_time_limit=200, time_limit=1_000,
+@coati_queue.task(name="tests.limits_ignores_soft", soft_time_limit=200, time_limit=2_000,
                   max_retries=3)
 def limits_ignores_soft(label):
-    """Catches the soft limit and goes on sleeping: only the hard limit ends it."""
+    """Catches the soft limit and goes on sleeping: only the hard limit ends it (1.8 s
+    after the soft one, so the "soft-ignored" mark is written even on a loaded machine)."""
     _limits_mark(label)
     while True:
         try:
