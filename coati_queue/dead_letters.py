@@ -178,8 +178,7 @@ def requeue(dead_letters: Iterable[DeadLetter]) -> tuple[list[str], dict[int, st
     the letter keeps ``requeued_at``/``requeued_as`` and is never sent twice.
     Returns (new task ids, {dead letter id: why it was not sent}).
     """
-    from .monitoring import broker_errors
-    from .redis_url import error_text
+    from .redis_url import broker_errors, masked_broker_error
     from .selection import get_queue_driver
 
     driver = get_queue_driver()
@@ -209,7 +208,7 @@ def requeue(dead_letters: Iterable[DeadLetter]) -> tuple[list[str], dict[int, st
                 driver.dispatch([job], on_commit=False)
         except broker_errors() as exc:  # the rest would fail the same way
             errors[letter.pk] = gettext("the queue is unavailable: %(error)s") % {
-                "error": error_text(exc, driver.settings.REDIS_URL)}
+                "error": masked_broker_error(exc, driver.settings.REDIS_URL)}
             break
         sent.append(job.id)
     return sent, errors

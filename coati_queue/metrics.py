@@ -85,8 +85,7 @@ class QueueCollector:
         yield from (tasks, retries, durations)
 
     def queue_depths(self) -> Iterator[Metric]:
-        from .monitoring import broker_errors
-        from .redis_url import scrub
+        from .redis_url import broker_errors, masked_broker_error
         from .selection import get_queue_driver
 
         depth = GaugeMetricFamily("coati_queue_depth", "Messages waiting in the broker, "
@@ -97,8 +96,7 @@ class QueueCollector:
         try:
             depths = get_queue_driver().queue_depths()
         except broker_errors() as exc:
-            logger.warning("Metrics: queue depths unavailable: %s",
-                           scrub(str(exc), get_settings().REDIS_URL))
+            logger.warning("Metrics: queue depths unavailable: %s", masked_broker_error(exc))
             up.add_metric([], 0)
         else:
             for name in sorted(depths):

@@ -10,12 +10,10 @@ scrubbed), never a 500.
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-from django.core.exceptions import ImproperlyConfigured
 from django.db.models import Count, QuerySet
 from django.db.models.functions import TruncMinute
 from django.utils import timezone
@@ -27,9 +25,8 @@ from django.utils.translation import gettext, ngettext, pgettext_lazy
 
 from . import clock
 from .conf import get_settings
-from .core.exceptions import CoatiQueueError
 from .models import ACTIVE_BATCH_STATES, TaskResult, TaskStatus
-from .redis_url import scrub
+from .redis_url import broker_errors, masked_broker_error
 
 logger = logging.getLogger("coati_queue")
 
@@ -49,16 +46,6 @@ FINDING_STYLE = {
     "debug": {"label": pgettext_lazy("system check level", "debug"),
               "badge": "coati-status-pending"},
 }
-
-
-def broker_errors() -> tuple[type[BaseException], ...]:
-    """What an unreachable or misconfigured broker raises (redis only when installed)."""
-    errors: list[type[BaseException]] = [CoatiQueueError, ImproperlyConfigured, OSError]
-    if importlib.util.find_spec("redis") is not None:
-        import redis
-
-        errors.append(redis.RedisError)
-    return tuple(errors)
 
 
 @dataclass
@@ -138,24 +125,6 @@ def throughput_svg(minutes: list[Minute]) -> SafeString:
     )
 
 
-def _stats_without_broker(settings: Any, driver: Any = None) -> dict[str, Any]:
-    """Counts and workers from the database when the broker cannot be asked."""
-    from .stats import dead_letter_counts, host_rows, task_counts_by_queue, worker_rows
-
-    counts = task_counts_by_queue()
-    workers = worker_rows(settings.WORKER_LOST_AFTER)
-    queues = {name: {"queued": None, "delayed": None,
-                     "processing": counts.get(name, {}).get(TaskStatus.PROCESSING, 0),
-                     "finished": counts.get(name, {}).get(TaskStatus.COMPLETED, 0),
-                     "failed": counts.get(name, {}).get(TaskStatus.FAILED, 0),
-                     "workers": sum(1 for w in workers if w["alive"] and name in w["queues"])}
-              for name in settings.QUEUES}
-    about = {"backend": driver.name, "reason": driver.reason, "location": driver.describe()} \
-        if driver is not None else {"backend": "", "reason": "", "location": ""}
-    return {**about, "queues": queues, "workers": workers, "hosts": host_rows(workers),
-            "dead_letters": dead_letter_counts(), "degraded": []}
-
-
 def overview_context(batches: QuerySet | None = None) -> dict[str, Any]:
     """Everything the overview template shows; no password can reach it.
 
@@ -173,10 +142,10 @@ def overview_context(batches: QuerySet | None = None) -> dict[str, Any]:
         driver = get_queue_driver()
         stats = collect_stats(driver)
     except broker_errors() as exc:
-        logger.warning("Queue overview: the broker could not be asked: %s",
-                       scrub(str(exc), settings.REDIS_URL))
-        broker_error = scrub(f"{type(exc).__name__}: {exc}", settings.REDIS_URL)
-        stats = _stats_without_broker(settings, driver)
+        broker_error = masked_broker_error(exc, settings.REDIS_URL)
+        logger.warning("Queue overview: the broker could not be asked: %s", broker_error)
+        broker_error = f"{type(exc).__name__}: {broker_error}"
+        stats = collect_stats(driver, ask_broker=False)
     for worker in stats["workers"]:
         seen = worker.get("last_seen")
         worker["last_seen_at"] = parse_datetime(seen) if isinstance(seen, str) else seen

@@ -170,8 +170,7 @@ def start_payroll_batch(planilla_id: str, periodo_inicio: Any, periodo_fin: Any,
                         usuario: str = "", requested_by: Any = None, on_complete: str = "",
                         on_success: str = "", on_failure: str = "") -> PayrollBatch:
     """Create the batch now (errors raise here) and enqueue its fan-out."""
-    from .monitoring import broker_errors
-    from .redis_url import error_text
+    from .redis_url import broker_errors, masked_broker_error
 
     batch = create_batch(planilla_id, periodo_inicio, periodo_fin, usuario=usuario,
                          requested_by=requested_by, on_complete=on_complete,
@@ -186,7 +185,7 @@ def start_payroll_batch(planilla_id: str, periodo_inicio: Any, periodo_fin: Any,
     except broker_errors() as exc:
         # The batch row is committed (the fan-out must see it); left pending it would
         # block the period for ever. It never started, so no callback fires.
-        reason = error_text(exc, get_settings().REDIS_URL)
+        reason = masked_broker_error(exc)
         batch.mark_failed(f"Could not be queued: {reason}")
         raise PayrollError(
             _("Payroll batch #%(id)s could not be queued (%(reason)s). It was marked failed, "

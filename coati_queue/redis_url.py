@@ -39,6 +39,30 @@ def mask_redis_url(url: str | None) -> str:
                        parts.fragment))
 
 
+def broker_errors() -> tuple[type[BaseException], ...]:
+    """What an unreachable or misconfigured broker raises (redis' errors only when installed).
+
+    Catch these, not ``Exception``, where a broker that does not answer must become a
+    message: a bug elsewhere still raises.
+    """
+    from django.core.exceptions import ImproperlyConfigured
+
+    from .backends import library_errors
+    from .core.exceptions import CoatiQueueError
+
+    return (CoatiQueueError, ImproperlyConfigured, OSError, *library_errors())
+
+
+def masked_broker_error(exc: BaseException, url: str | None = None) -> str:
+    """A caught broker error as one line a user or a log may show: its message (or type),
+    the passwords of ``url`` (default: the ``REDIS_URL`` setting) removed."""
+    if url is None:
+        from .conf import get_settings
+
+        url = get_settings().REDIS_URL
+    return " ".join(error_text(exc, url).split())
+
+
 def error_text(exc: BaseException, url: str | None) -> str:
     """An exception as a user may read it: its message (or type), passwords removed."""
     return scrub(str(exc) or type(exc).__name__, url)

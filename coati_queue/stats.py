@@ -1,10 +1,12 @@
 """Queue statistics for ``manage.py queuestats`` and the admin overview.
 
-:func:`collect_stats` is the one place that gathers them: broker depths from
-the driver, task counts from ``TaskResult`` (one grouped query), workers
-from ``WorkerHeartbeat`` (one query) and dead letters waiting for a person
-(one grouped query). Everything returned is plain JSON
-(strings, numbers, lists, dicts) and holds no password.
+:func:`collect_stats` is the one place that builds the snapshot (the queue
+overview, also when the broker does not answer, and ``queuestats`` read it):
+broker depths from the driver (None when the broker cannot be asked), task
+counts from ``TaskResult`` (one grouped query), workers from ``WorkerHeartbeat``
+(one query) and dead letters waiting for a person (one grouped query).
+Everything returned is plain JSON (strings, numbers, lists, dicts) and holds no
+password.
 """
 
 from __future__ import annotations
@@ -111,31 +113,38 @@ def dead_letter_counts() -> dict[str, Any]:
     return {"waiting": sum(by_source.values()), "by_source": by_source}
 
 
-def collect_stats(driver: Any) -> dict[str, Any]:
-    """Per-queue depths, task counts and live workers of ``driver``'s backend."""
-    settings = driver.settings
-    depths = driver.queue_depths()
+def collect_stats(driver: Any, *, ask_broker: bool = True) -> dict[str, Any]:
+    """Per-queue depths, task counts and live workers of ``driver``'s backend.
+
+    ``ask_broker=False`` (or no driver: it could not be built) is the snapshot of a
+    broker that does not answer: the same shape, its numbers (``queued``, ``delayed``)
+    None, no degraded-state findings, the rest from the database.
+    """
+    from .conf import get_settings
+
+    settings = driver.settings if driver is not None else get_settings()
+    depths = driver.queue_depths() if ask_broker and driver is not None else None
     counts = task_counts_by_queue()
     workers = worker_rows(settings.WORKER_LOST_AFTER)
     queues = {}
     for name in settings.QUEUES:
-        depth = depths.get(name, {})
+        depth = depths.get(name, {}) if depths is not None else None
         by_status = counts.get(name, {})
         queues[name] = {
-            "queued": int(depth.get("queued", 0)),
-            "delayed": int(depth.get("delayed", 0)),
+            "queued": None if depth is None else int(depth.get("queued", 0)),
+            "delayed": None if depth is None else int(depth.get("delayed", 0)),
             "processing": by_status.get(TaskStatus.PROCESSING, 0),
             "finished": by_status.get(TaskStatus.COMPLETED, 0),
             "failed": by_status.get(TaskStatus.FAILED, 0),
             "workers": sum(1 for w in workers if w["alive"] and name in w["queues"]),
         }
     return {
-        "backend": driver.name,
-        "reason": driver.reason,
-        "location": driver.describe(),
+        "backend": driver.name if driver is not None else "",
+        "reason": driver.reason if driver is not None else "",
+        "location": driver.describe() if driver is not None else "",
         "queues": queues,
         "workers": workers,
         "hosts": host_rows(workers),
         "dead_letters": dead_letter_counts(),
-        "degraded": degraded_state(driver, counts),
+        "degraded": degraded_state(driver, counts) if depths is not None else [],
     }

@@ -64,8 +64,7 @@ def retry_records(records: Iterable[TaskResult]) -> RetryOutcome:
     (``SELECT ... FOR UPDATE``; on SQLite the IMMEDIATE transaction takes the
     write lock), so two concurrent requests cannot both see "not retried yet".
     """
-    from ..monitoring import broker_errors
-    from ..redis_url import error_text
+    from ..redis_url import broker_errors, masked_broker_error
     from ..selection import get_queue_driver
 
     driver = get_queue_driver()
@@ -100,7 +99,7 @@ def retry_records(records: Iterable[TaskResult]) -> RetryOutcome:
         except broker_errors() as exc:  # the rest would fail the same way
             outcome.skipped[record.task_name] = gettext(
                 "the queue is unavailable: %(error)s") % {
-                "error": error_text(exc, driver.settings.REDIS_URL)}
+                "error": masked_broker_error(exc, driver.settings.REDIS_URL)}
             break
         outcome.retried += 1
     return outcome

@@ -38,6 +38,7 @@ class Command(BaseCommand):
                             help="force a backend instead of COATI_QUEUE['BACKEND']")
 
     def handle(self, *args, **options):
+        from coati_queue.redis_url import masked_broker_error
         from coati_queue.selection import get_queue_driver
         from coati_queue.stats import collect_stats
 
@@ -49,7 +50,8 @@ class Command(BaseCommand):
         try:
             driver = get_queue_driver(options["backend"])
         except Exception as exc:
-            raise CommandError(f"Cannot reach the queue backend: {exc}") from exc
+            raise CommandError(
+                f"Cannot reach the queue backend: {masked_broker_error(exc)}") from exc
         interval = options["interval"]
         clear = interval is not None and self.stdout.isatty()
         try:
@@ -58,11 +60,10 @@ class Command(BaseCommand):
                     stats = collect_stats(driver)
                     stats["findings"] = health_findings()
                 except Exception as exc:
-                    from coati_queue.redis_url import scrub
-
                     raise CommandError(
                         f"Cannot read queue statistics from {driver.describe()}: "
-                        f"{scrub(str(exc), getattr(driver, 'redis_url', None))}") from exc
+                        f"{masked_broker_error(exc, getattr(driver, 'redis_url', None))}"
+                    ) from exc
                 if clear:
                     self.stdout.write(CLEAR_SCREEN, ending="")
                 self.stdout.write(render(stats))
