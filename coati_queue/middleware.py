@@ -1,7 +1,9 @@
 """The Django layer's middleware: DB-connection hygiene, tracking, worker counters.
 
-Drivers never touch the database themselves; everything they need from
-Django happens here, through the core's hooks, the same on every backend.
+The queue-library drivers (``backends/dramatiq.py``, ``backends/huey.py``) never
+touch the database: what a running job needs from Django happens here, through the
+core's hooks, the same on every backend. (Sending still writes its records from the
+shared ``backends/base.py``; the import-linter ratchet in setup.cfg lists that.)
 """
 
 from __future__ import annotations

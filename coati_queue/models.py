@@ -31,15 +31,6 @@ FINISHED_TASK_STATES = (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANC
 
 
 class TaskResultQuerySet(models.QuerySet):
-    def pending(self):
-        return self.filter(status=TaskStatus.PENDING)
-
-    def processing(self):
-        return self.filter(status=TaskStatus.PROCESSING)
-
-    def completed(self):
-        return self.filter(status=TaskStatus.COMPLETED)
-
     def failed(self):
         return self.filter(status=TaskStatus.FAILED)
 

@@ -383,7 +383,7 @@ FORGET_WORKERS_AFTER = datetime.timedelta(days=1)
 
 
 def delete_expired(now: datetime.datetime | None = None) -> int:
-    """Drop finished records past their TTL (``manage.py queuestats --cleanup``, workers).
+    """Drop finished records past their TTL (worker upkeep, every ``CLEANUP_INTERVAL``).
 
     Also forgets workers not seen for ``FORGET_WORKERS_AFTER``: every crashed or
     killed worker would otherwise stay on the overview as "lost" for ever.
@@ -394,4 +394,4 @@ def delete_expired(now: datetime.datetime | None = None) -> int:
     now = now or timezone.now()
     WorkerHeartbeat.objects.filter(last_seen__lt=now - FORGET_WORKERS_AFTER).delete()
     return delete_task_records(
-        TaskResult.objects.expired(now).filter(status__in=FINISHED_TASK_STATES))
+        TaskResult.objects.expired(now).finished())

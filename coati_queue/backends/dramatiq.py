@@ -14,7 +14,6 @@ applied to tasks that asked for no limit.
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
 from typing import Any, Iterable
@@ -32,7 +31,6 @@ from .base import QueueDriver
 from .dramatiq_dead_letters import DeadLetteringRedisBroker
 from .dramatiq_redelivery import heartbeat_and_give_back
 
-logger = logging.getLogger("coati_queue")
 
 NAMESPACE = "coati"
 ACTOR_PREFIX = "coati."

@@ -131,10 +131,6 @@ class TaskRegistry:
     def __contains__(self, name: str) -> bool:
         return name in self._tasks
 
-    def unregister(self, name: str) -> None:
-        with self._lock:
-            self._tasks.pop(name, None)
-
 
 registry = TaskRegistry()
 
