@@ -156,3 +156,14 @@ def test_search_finds_non_ascii_arguments(admin_client: Client) -> None:
     html = admin_client.get(reverse("admin:coati_queue_taskresult_changelist"),
                             {"q": "José"}).content.decode()
     assert str(record.pk) in html and "1 result" in html
+
+
+def test_a_failed_record_shows_the_class_it_raised(admin_client: Client) -> None:
+    """The stored class path, not one parsed from the traceback's last line (which a
+    multi-line message or an ``add_note()`` note breaks)."""
+    task = failed_task(exception_class="example_project.payroll.rules.RuleBroken",
+                       error="RuleBroken: line one\nline two",
+                       traceback="Traceback (most recent call last):\n...\nline two\n")
+    html = admin_client.get(reverse("admin:coati_queue_taskresult_change",
+                                    args=[task.pk])).content.decode()
+    assert "example_project.payroll.rules.RuleBroken" in html

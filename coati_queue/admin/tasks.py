@@ -120,7 +120,7 @@ class TaskResultAdmin(QueueRecordAdminMixin, admin.ModelAdmin):
         (_("Timing"), {"fields": ["attempts", "max_retries", "enqueued_at", "eta", "started_at",
                                   "finished_at", "duration_display", "expires_at"]}),
         (_("Data"), {"fields": ["args_display", "kwargs_display", "result_display"]}),
-        (_("Failure"), {"fields": ["error_display", "traceback_display"]}),
+        (_("Failure"), {"fields": ["exception_class", "error_display", "traceback_display"]}),
     ]
 
     # -- columns and detail ----------------------------------------------
