@@ -55,7 +55,7 @@ from .core.middleware import get_current_job
 from .core.tasks import registry
 from .models import TaskResult as TaskRecord
 from .models import TaskStatus
-from .tracking import _when as record_time
+from .clock import from_epoch
 
 RUNNER_NAME = "coati.django_task"
 #: The runner's one keyword argument: the ``TASKS`` alias that enqueued the task.
@@ -189,7 +189,7 @@ class CoatiTaskBackend(BaseTaskBackend):
         job = self._job(driver, task, normalize_json(list(args)), normalize_json(dict(kwargs)))
         # Built from the envelope as the record is, so get_result() returns an equal result.
         result = TaskResult(task=task, id=job.id, status=TaskResultStatus.READY,
-                            enqueued_at=record_time(job.enqueued_at), started_at=None,
+                            enqueued_at=from_epoch(job.enqueued_at), started_at=None,
                             finished_at=None, last_attempted_at=None, args=job.args[1],
                             kwargs=job.args[2], backend=self.alias, errors=[], worker_ids=[])
         # Inside a transaction the message leaves at commit (dispatch), and so does the
@@ -390,10 +390,11 @@ def run_django_task(module_path: str, args: list, kwargs: dict, alias: str | Non
     if job is None:  # called directly, not by a worker
         task = resolve_task(module_path)
     else:
-        task = _as_enqueued(module_path, alias, job.queue, record_time(job.eta))
+        run_after = from_epoch(job.eta) if job.eta else None
+        task = _as_enqueued(module_path, alias, job.queue, run_after)
     now = timezone.now()
     result = TaskResult(task=task, id=job.id if job else "", status=TaskResultStatus.RUNNING,
-                        enqueued_at=record_time(job.enqueued_at) if job else None,
+                        enqueued_at=from_epoch(job.enqueued_at) if job else None,
                         started_at=now, finished_at=None, last_attempted_at=now, args=args,
                         kwargs=kwargs, backend=task.backend, errors=[],
                         worker_ids=[""] * (job.attempt if job else 1))
